@@ -1,0 +1,21 @@
+# make test   installs what is needed (.venv, CPU torch unless a GPU is present), then runs the test suite
+# make bench  runs the benchmarks on this machine
+# make setup  installs only
+PY := .venv/bin/python
+STAMP := .venv/.gvf-setup-stamp
+
+.PHONY: setup test bench clean
+
+$(STAMP): setup.sh requirements.txt requirements-gpu.txt requirements-dev.txt
+	./setup.sh --dev
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_render.py
+
+clean:
+	rm -rf .venv .pytest_cache
