@@ -222,8 +222,10 @@ def _rasterize_torch(means, quats, scales, opacities, colors, viewmats, ks, widt
     images = b * v
     tiles_x, tiles_y = math.ceil(width / tile_size), math.ceil(height / tile_size)
     num_tiles = tiles_x * tiles_y
-    mean2d, conic, opacity, depth = mean2d.reshape(images * n, 2), conic.reshape(images * n, 3), opacity.reshape(-1), depth.reshape(-1)
-    color = colors[:, None].expand(b, v, n, 3).reshape(images * n, 3)
+    color = colors[:, None].expand(b, v, n, 3)
+    # Everything a pair needs, in one row per Gaussian: mean (2), conic (3), opacity, colour (3), depth, 1 (for alpha).
+    rows = torch.cat([mean2d, conic, opacity[..., None], color, depth[..., None], torch.ones_like(depth)[..., None]], -1)
+    rows = rows.reshape(images * n, 11)
 
     with torch.no_grad():
         gid, key = _bin_tiles(mean2d.detach().reshape(images, n, 2), radius.reshape(images, n, 2), depth.detach().reshape(images, n),
@@ -233,6 +235,7 @@ def _rasterize_torch(means, quats, scales, opacities, colors, viewmats, ks, widt
         by_len = torch.argsort(counts)  # similar lengths share a chunk, so little padding
         ar = torch.arange(tile_size, device=means.device, dtype=means.dtype) + 0.5
         local = torch.stack(torch.meshgrid(ar, ar, indexing="xy"), -1).reshape(-1, 2)   # (P,2) as (x, y)
+    pair_rows = rows[gid]
     p = tile_size * tile_size
     budget = chunk_elements or (1 << 25 if means.is_cuda else 1 << 22)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (means, quats, scales, opacities, colors, viewmats, ks))
@@ -250,13 +253,13 @@ def _rasterize_torch(means, quats, scales, opacities, colors, viewmats, ks, widt
         with torch.no_grad():
             slot = torch.arange(longest, device=means.device)
             valid = slot[None] < counts[sel][:, None]
-            pair = torch.where(valid, starts[sel][:, None] + slot[None], torch.zeros_like(slot[None]))
-            g = gid[pair]
+            pair = (starts[sel][:, None] + slot[None])[valid]
             t = tiles[sel] % num_tiles
             origin = torch.stack([(t % tiles_x) * tile_size, (t // tiles_x) * tile_size], -1).to(means.dtype)
-        op = torch.where(valid, opacity[g], torch.zeros((), dtype=opacity.dtype, device=opacity.device))
-        feat = torch.cat([color[g], depth[g][..., None], torch.ones_like(op)[..., None]], -1)
-        args = (mean2d[g] - origin[:, None], conic[g], op, feat, local)
+        # Padding is written by a masked assignment, not gathered: gathering every pad slot from one row would make the
+        # backward pass accumulate millions of zeros into that row, which serialises on GPUs.
+        padded = pair_rows.new_zeros(*valid.shape, 11).index_put((valid,), pair_rows[pair])
+        args = (padded[..., 0:2] - origin[:, None], padded[..., 2:5], padded[..., 5], padded[..., 6:11], local)
         res = checkpoint(_composite_tiles, *args, use_reentrant=False) if grad else _composite_tiles(*args)
         out_ids.append(tiles[sel])
         out_vals.append(res)
