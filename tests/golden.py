@@ -1,7 +1,7 @@
-"""Locating and loading the golden reference files (reference/golden/README.md).
+"""Loading the golden reference files: the published modules' outputs on small configurations.
 
-The golden directory lives beside the repository at ../shared/reference/golden; tests that need
-it are skipped with the reason when it is absent.
+They are vendored in tests/data/golden (a copy of the team's shared reference/golden, with its README and
+SHA256SUMS), so every machine, CI included, runs the golden tests.
 """
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-GOLDEN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "golden"
+GOLDEN_DIR = Path(__file__).resolve().parent / "data" / "golden"
 
 
 def golden_path(name: str) -> Path:
-    """Path of golden file `name` (e.g. "motion_vae.io.safetensors"); skips the test if missing."""
+    """Path of golden file `name` (e.g. "motion_vae.io.safetensors"); a missing file fails the test."""
     path = GOLDEN_DIR / name
     if not path.is_file():
-        pytest.skip(f"golden file not found: {path} (the shared reference is expected beside the repo)")
+        pytest.fail(f"golden file not found: {path}")
     return path
 
 
