@@ -1,15 +1,19 @@
+# make demo   installs what is needed, then runs the demo (outputs/demo/)
 # make test   installs what is needed (.venv, CPU torch unless a GPU is present), then runs the test suite
 # make bench  runs the benchmarks on this machine
 # make setup  installs only
 PY := .venv/bin/python
 STAMP := .venv/.gvf-setup-stamp
 
-.PHONY: setup test bench clean
+.PHONY: setup demo test bench clean
 
 $(STAMP): setup.sh requirements.txt requirements-gpu.txt requirements-dev.txt
 	./setup.sh --dev
 
 setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) scripts/render_gaussians.py --example --out outputs/demo/turntable.mp4 --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q
