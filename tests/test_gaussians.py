@@ -5,7 +5,7 @@ import pytest
 import torch
 from plyfile import PlyData, PlyElement
 
-from golden import load_golden, rel_err
+from reference import load_golden, rel_err
 from utils.gaussians import Gaussians, read_ply, write_ply, write_ply_sequence
 
 

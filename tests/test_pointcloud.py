@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.golden import load_golden, rel_err
+from reference import load_golden, rel_err
 from utils.pointcloud import farthest_point_sample, gather_points, interpolate_displacements, knn
 
 
