@@ -135,7 +135,7 @@ def test_motion_vae_block_is_shared_and_consistent_with_the_dit():
 
 def test_tiny_configs_override_sizes_and_inherit_the_rest():
     vae = load_config(CONFIGS / "tiny" / "vae.yml")
-    assert (vae.model.depth, vae.model.dim, vae.model.heads, vae.model.num_inputs) == (2, 64, 4, 1024)
+    assert (vae.model.depth, vae.model.dim, vae.model.heads, vae.model.num_inputs) == (2, 96, 4, 1024)
     assert (vae.model.num_latents, vae.model.latent_dim) == (64, 8)
     assert vae.model.output_dim == 14 and vae.model.knn_k == 8 and vae.model.beta == 7.0  # inherited
     a = vae.static_vae.backbones.vae.args
@@ -205,7 +205,7 @@ def test_overrides_parse_types():
     assert cfg.data.root == "/tmp/x" and cfg.data.list_file is None
     assert cfg.train.milestones == [1, 2]
     assert cfg.extra.deep.key is True
-    assert cfg.model.dim == 64  # untouched
+    assert cfg.model.dim == 96  # untouched
 
 
 def test_override_of_unknown_key_fails_naming_it():

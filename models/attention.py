@@ -1,0 +1,95 @@
+"""Attention layers, all through `torch.nn.functional.scaled_dot_product_attention` (flash / cuDNN / memory-efficient
+kernels on GPU, the math kernel on CPU). Tensors are laid out (batch, length, heads, head_dim) between the projections.
+
+Parameter names follow the published checkpoints: `to_qkv` (fused, DiT self-attention), `to_q` / `to_kv` (cross-attention,
+and the motion VAE's attention in general), `to_out`, and `q_rms_norm.gamma` / `k_rms_norm.gamma`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ / sqrt(d)) v for q (B, L, H, D), k (B, S, H, D), v (B, S, H, Dv) -> (B, L, H, Dv)."""
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def shared_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One set of queries attending to T key/value sets (one per frame): q (B, Q, H, D), k (B, T, S, H, D),
+    v (B, T, S, H, Dv) -> (B, T, Q, H, Dv).
+
+    The motion-VAE decoder queries every Gaussian against every frame's latents. Contracting q with all frames' keys at
+    once avoids copying the queries T times; v is usually already projected to the output (Dv = 14), which makes the
+    value product cheap. The softmax runs in at least float32.
+    """
+    scores = torch.einsum("bqhd,btshd->bthqs", q, k) * q.shape[-1] ** -0.5
+    probs = scores.to(torch.promote_types(scores.dtype, torch.float32)).softmax(-1).to(v.dtype)
+    return torch.einsum("bthqs,btshe->btqhe", probs, v)
+
+
+class MultiHeadRMSNorm(nn.Module):
+    """Per-head RMS normalisation of queries or keys: normalize(x) * gamma * sqrt(head_dim), computed in float32."""
+
+    def __init__(self, head_dim: int, heads: int):
+        super().__init__()
+        self.scale = head_dim**0.5
+        self.gamma = nn.Parameter(torch.ones(heads, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., H, D)
+        return (F.normalize(x.float(), dim=-1) * self.gamma.float() * self.scale).to(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection and optional QK RMS-norm (the DiT's)."""
+
+    def __init__(self, dim: int, heads: int, qk_rms_norm: bool = False):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.to_qkv = nn.Linear(dim, 3 * dim)
+        if qk_rms_norm:
+            self.q_rms_norm = MultiHeadRMSNorm(self.head_dim, heads)
+            self.k_rms_norm = MultiHeadRMSNorm(self.head_dim, heads)
+        self.qk_rms_norm = qk_rms_norm
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, C)
+        q, k, v = self.to_qkv(x).unflatten(-1, (3, self.heads, self.head_dim)).unbind(-3)
+        if self.qk_rms_norm:
+            q, k = self.q_rms_norm(q), self.k_rms_norm(k)
+        return self.to_out(attention(q, k, v).flatten(-2))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from x to a context: separate `to_q` and `to_kv` (split [k | v]) projections.
+
+    The motion VAE uses it for self-attention too (context = x) and without q/kv biases, as published.
+    `kv(context)` and `forward(x, kv=...)` let callers project a context once and reuse it (the DiT's static condition).
+    """
+
+    def __init__(self, query_dim: int, context_dim: int, heads: int, head_dim: int, qkv_bias: bool = True,
+                 qk_rms_norm: bool = False):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        inner = heads * head_dim
+        self.to_q = nn.Linear(query_dim, inner, bias=qkv_bias)
+        self.to_kv = nn.Linear(context_dim, 2 * inner, bias=qkv_bias)
+        if qk_rms_norm:
+            self.q_rms_norm = MultiHeadRMSNorm(head_dim, heads)
+            self.k_rms_norm = MultiHeadRMSNorm(head_dim, heads)
+        self.qk_rms_norm = qk_rms_norm
+        self.to_out = nn.Linear(inner, query_dim)
+
+    def q(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.to_q(x).unflatten(-1, (self.heads, self.head_dim))
+        return self.q_rms_norm(q) if self.qk_rms_norm else q
+
+    def kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.to_kv(context).unflatten(-1, (2, self.heads, self.head_dim)).unbind(-3)
+        return (self.k_rms_norm(k) if self.qk_rms_norm else k), v
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        k, v = kv if kv is not None else self.kv(x if context is None else context)
+        return self.to_out(attention(self.q(x), k, v).flatten(-2))
