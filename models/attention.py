@@ -20,13 +20,12 @@ def shared_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
     """One set of queries attending to T key/value sets (one per frame): q (B, Q, H, D), k (B, T, S, H, D),
     v (B, T, S, H, Dv) -> (B, T, Q, H, Dv).
 
-    The motion-VAE decoder queries every Gaussian against every frame's latents. Contracting q with all frames' keys at
-    once avoids copying the queries T times; v is usually already projected to the output (Dv = 14), which makes the
-    value product cheap. The softmax runs in at least float32.
+    The motion-VAE decoder queries every Gaussian against every frame's latents. The queries are projected once and
+    repeated over frames here, so the fused attention kernels never materialise the (Q, S) scores.
     """
-    scores = torch.einsum("bqhd,btshd->bthqs", q, k) * q.shape[-1] ** -0.5
-    probs = scores.to(torch.promote_types(scores.dtype, torch.float32)).softmax(-1).to(v.dtype)
-    return torch.einsum("bthqs,btshe->btqhe", probs, v)
+    b, t = k.shape[:2]
+    q = q[:, None].expand(b, t, *q.shape[1:]).flatten(0, 1)
+    return attention(q, k.flatten(0, 1), v.flatten(0, 1)).unflatten(0, (b, t))
 
 
 class MultiHeadRMSNorm(nn.Module):

@@ -196,18 +196,15 @@ class MotionVAE(nn.Module):
             x = ff(x) + x
 
         cross = self.decoder_cross_attn.fn
-        k, v = cross.kv(self.decoder_cross_attn.norm_context(x))
-        # to_outputs ∘ to_out is linear: fold it into the values so the value product has 14 channels, not 768.
-        w = self.to_outputs.weight @ cross.to_out.weight                                  # (14, inner)
+        k, v = (t_.unflatten(0, (b, t)) for t_ in cross.kv(self.decoder_cross_attn.norm_context(x)))  # (B, T, L, H, D)
+        # to_outputs ∘ to_out is linear: one 14-row projection of the attention output instead of two.
+        w = self.to_outputs.weight @ cross.to_out.weight
         bias = self.to_outputs.weight @ cross.to_out.bias + self.to_outputs.bias
-        w_heads = w.view(w.shape[0], cross.heads, cross.head_dim)
-        v_out = torch.einsum("nshd,ohd->nsho", v, w_heads).unflatten(0, (b, t))           # (B, T, L, H, 14)
-        k = k.unflatten(0, (b, t))
 
         def run(chunk: torch.Tensor) -> torch.Tensor:
             e = self.gs_embedding(chunk) + self.position_encoding(chunk[..., :3])
             q = cross.q(self.decoder_cross_attn.norm(e))                                  # once per Gaussian, not per frame
-            return shared_query_attention(q, k, v_out).sum(-2) + bias                      # (B, T, Qc, 14)
+            return F.linear(shared_query_attention(q, k, v).flatten(-2), w, bias)        # (B, T, Qc, 14)
 
         outs = []
         for s in range(0, queries.shape[1], self.chunk_size):

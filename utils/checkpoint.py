@@ -1,0 +1,338 @@
+"""Checkpoints: the published `.pt` state dicts in, our safetensors + JSON config format in and out.
+
+    sd = load_published("ema_diffusion_0.9999_500000.pt")         # torch.load(weights_only=True) only, `module.` stripped
+    load_state_dict_strict(model, sd, source="ema_diffusion...")  # every key used, shapes equal, readable report otherwise
+    save_checkpoint("dit.safetensors", model, config=cfg.model, extra={"step": 500000})
+    sd, config, extra = load_checkpoint("dit.safetensors")
+    save_published("dit.pt", sd, module_prefix=True)               # back to the published layout
+
+Everything here is module-agnostic: it works on any nn.Module and any flat {name: tensor} state dict. Our modules use
+the published parameter names, so no key mapping is needed. Every error is a CheckpointError that names the file.
+Writes are atomic (temp file in the same folder, fsync, rename) and a state dict with a non-finite value is never written.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import pickle
+import re
+import secrets
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+__all__ = ["CheckpointError", "load_published", "save_published", "save_checkpoint", "load_checkpoint",
+           "load_state_dict_strict", "check_state_dict", "mismatch_report", "summarize"]
+
+FORMAT = "gvfdiffusion-checkpoint"
+FORMAT_VERSION = "1"
+# Wrappers a published-style file may plausibly use around its state dict. The released GVFDiffusion files are bare
+# state dicts (spec §4.1); "state_dict" (Lightning and many trainers), "model" and "ema" (trainer snapshots) cover
+# the common re-saves. A file holding several of them is ambiguous and must name one with `key=`.
+WRAPPER_KEYS = ("state_dict", "model", "ema")
+MAX_LISTED = 20  # per group in a mismatch report; the counts are always complete
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read, written or loaded; the message names the file and what was wrong."""
+
+
+# ---------------------------------------------------------------------------------------------- published .pt files
+
+def load_published(path: str | os.PathLike, map_location: Any = "cpu", key: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a published `.pt` state dict with `torch.load(weights_only=True)`; return {name: tensor}, `module.` stripped.
+
+    A file whose unpickling would need anything beyond tensors and plain containers is refused (CheckpointError) and is
+    never re-read with full pickle. A bare state dict or one wrapper of WRAPPER_KEYS is accepted (`key` picks one).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found" + (" (it is a directory)" if path.is_dir() else ""))
+    try:
+        if _looks_like_safetensors(path):
+            raise CheckpointError(f"{path}: this is a safetensors file (our format), not a published .pt state dict; "
+                                  f"read it with load_checkpoint (or convert_checkpoint.py --reverse)")
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except CheckpointError:
+        raise
+    except pickle.UnpicklingError as exc:
+        # The weights-only unpickler stopped before running anything. Torch's message advises retrying with
+        # weights_only=False; that advice is deliberately not passed on.
+        blocked = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if blocked:
+            raise CheckpointError(
+                f"{path}: refused: this is not a plain tensor state dict, and unpickling it could execute code (it needs "
+                f"the Python global {blocked.group(1)}). It was not loaded and is never re-read with full pickle; "
+                f"re-save it as a plain state dict from code you trust.") from None
+        raise CheckpointError(f"{path}: refused: corrupt pickle data, or pickle features a plain tensor state dict does "
+                              f"not use ({_unpickler_detail(str(exc))}); nothing in it was executed.") from None
+    except Exception as exc:  # zip/stream errors of truncated files, EOFError of empty ones, KeyError of junk, OSError
+        raise CheckpointError(f"{path}: corrupt, truncated or not a PyTorch checkpoint "
+                              f"({type(exc).__name__}: {str(exc).strip()[:200]})") from exc
+    return _as_state_dict(obj, path, key)
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    # safetensors: 8-byte little-endian header length, then a JSON header starting with "{".
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 100_000_000
+
+
+def _unpickler_detail(text: str) -> str:
+    for line in text.splitlines():
+        if "WeightsUnpickler error" in line or "Unsupported" in line:
+            return line.strip()[:200]
+    return text.strip().splitlines()[0][:200] if text.strip() else "unreadable pickle"
+
+
+def _as_state_dict(obj: Any, path: Path, key: str | None) -> dict[str, torch.Tensor]:
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a state dict (a mapping of names to tensors), found {type(obj).__name__}")
+    if key is not None:
+        if key not in obj:
+            raise CheckpointError(f"{path}: no entry {key!r} to take the state dict from (top-level keys: {_first(obj)})")
+        obj = obj[key]
+    elif obj and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        wrappers = [k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)]
+        if len(wrappers) > 1:
+            raise CheckpointError(f"{path}: ambiguous checkpoint: it holds several state dicts {wrappers}; pick one with key=")
+        if wrappers:
+            obj = obj[wrappers[0]]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: entry {key!r} is a {type(obj).__name__}, not a state dict")
+    if not obj:
+        raise CheckpointError(f"{path}: the state dict is empty")
+    out: dict[str, torch.Tensor] = {}
+    for name, value in obj.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor: not a plain state dict "
+                                  f"(top-level keys: {_first(obj)})")
+        stripped = name[len("module."):] if name.startswith("module.") else name  # DDP wrapper prefix
+        if stripped in out:
+            raise CheckpointError(f"{path}: keys {name!r} and {stripped!r} collide once the `module.` prefix is stripped")
+        out[stripped] = value.detach()  # nn.Parameter -> plain tensor, same storage
+    return out
+
+
+def save_published(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor] | nn.Module,
+                   module_prefix: bool = False, *, overwrite: bool = False) -> Path:
+    """Write a plain `torch.save` state dict in the published layout (optionally `module.`-prefixed), atomically.
+
+    torch.save is given a file object, so the zip's inner folder is always "archive" and the bytes depend only on
+    the state dict (not on the file name): saving the same state dict twice gives identical files.
+    """
+    path = Path(path)
+    tensors = _plain_tensors(state_dict, path)
+    if module_prefix:
+        tensors = {(k if k.startswith("module.") else "module." + k): v for k, v in tensors.items()}
+    packed = collections.OrderedDict(tensors)  # what nn.Module.state_dict() returns, as in the released files
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(packed, f)
+
+    return _atomic_write(path, write, overwrite)
+
+
+# ---------------------------------------------------------------------------------------------- our format
+
+def save_checkpoint(path: str | os.PathLike, module_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
+                    config: Mapping, extra: Mapping | None = None, *, overwrite: bool = False) -> Path:
+    """Write the state dict as safetensors with `config` (and small JSON-able `extra`) in its metadata, atomically.
+
+    Refuses non-finite values (naming the first bad key) and an existing file unless overwrite=True. Tensors are
+    made contiguous on the CPU; tensors sharing storage (tied weights, views) are cloned, as safetensors requires.
+    The key order is recorded so that load_checkpoint returns the keys in the order given here.
+    """
+    path = Path(path)
+    tensors = _plain_tensors(module_or_state_dict, path)
+    if not isinstance(config, Mapping):
+        raise CheckpointError(f"{path}: config must be a mapping, got {type(config).__name__}")
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": _to_json(config, path, "config"),
+        "extra": _to_json(dict(extra or {}), path, "extra"),
+        "keys": json.dumps(list(tensors)),
+    }
+    return _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), overwrite)
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """Read a file written by save_checkpoint: (state_dict in the saved key order, config, extra)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found" + (" (it is a directory)" if path.is_dir() else ""))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path), device=str(device))
+    except Exception as exc:  # safetensors raises its own error types for bad headers and short files
+        raise CheckpointError(f"{path}: corrupt, truncated or not a safetensors file "
+                              f"({type(exc).__name__}: {str(exc).strip()[:200]})") from exc
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: a safetensors file without our metadata (format {metadata.get('format')!r}, "
+                              f"expected {FORMAT!r}); it has no embedded config. Published .pt files go through load_published.")
+    try:
+        config, extra, order = (json.loads(metadata[k]) for k in ("config", "extra", "keys"))
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: damaged checkpoint metadata ({type(exc).__name__}: {exc})") from exc
+    if sorted(order) != sorted(tensors):
+        raise CheckpointError(f"{path}: damaged checkpoint: the recorded key list does not match the stored tensors")
+    return {k: tensors[k] for k in order}, config, extra
+
+
+# ---------------------------------------------------------------------------------------------- strict loading
+
+def mismatch_report(expected: Mapping[str, torch.Tensor | Sequence[int]], state_dict: Mapping[str, torch.Tensor],
+                    max_listed: int = MAX_LISTED) -> str:
+    """Missing, unexpected and wrong-shape keys of `state_dict` against `expected` (tensors or shapes); "" if they match."""
+    want = {k: _shape(v) for k, v in expected.items()}
+    got = {k: _shape(v) for k, v in state_dict.items()}
+    missing = [k for k in want if k not in got]
+    unexpected = [k for k in got if k not in want]
+    wrong = [k for k in want if k in got and want[k] != got[k]]
+    groups = [
+        ("missing", missing, lambda k: f"{k}  expected {want[k]}"),
+        ("unexpected", unexpected, lambda k: f"{k}  {got[k]}"),
+        ("wrong shape", wrong, lambda k: f"{k}: expected {want[k]} got {got[k]}"),
+    ]
+    lines = []
+    for title, keys, fmt in groups:
+        if keys:
+            lines.append(f"  {title} ({len(keys)}):")
+            lines += [f"    {fmt(k)}" for k in keys[:max_listed]]
+            if len(keys) > max_listed:
+                lines.append(f"    ... and {len(keys) - max_listed} more")
+    return "\n".join(lines)
+
+
+def check_state_dict(expected: Mapping[str, torch.Tensor | Sequence[int]], state_dict: Mapping[str, torch.Tensor],
+                     source: str = "state dict", target: str = "the model") -> None:
+    """Raise CheckpointError with a readable report unless the keys and shapes match exactly."""
+    report = mismatch_report(expected, state_dict)
+    if report:
+        raise CheckpointError(f"{source}: does not match {target} ({len(expected)} keys expected, "
+                              f"{len(state_dict)} in the checkpoint):\n{report}")
+
+
+def load_state_dict_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "state dict") -> nn.Module:
+    """Load strictly (every key used, every shape equal), copying values into the module's own tensors.
+
+    Parameters and buffers keep the module's dtype and device (load_state_dict semantics), with one exception: a buffer
+    stored as float64 (the motion VAE's `position_encoding.0.omega`) stays float64, since rounding it changes the
+    published model's outputs.
+    """
+    expected = module.state_dict()
+    check_state_dict(expected, state_dict, source, target=type(module).__name__)
+    buffers = dict(module.named_buffers())
+    for name, value in state_dict.items():
+        buf = buffers.get(name)
+        if buf is not None and value.dtype == torch.float64 and buf.dtype != torch.float64 and buf.is_floating_point():
+            owner, _, leaf = name.rpartition(".")
+            module.get_submodule(owner)._buffers[leaf] = buf.to(torch.float64)
+    try:
+        module.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:  # keys and shapes matched, so this is a value that cannot be copied (e.g. a dtype)
+        raise CheckpointError(f"{source}: could not be loaded into {type(module).__name__}: {exc}") from exc
+    return module
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def summarize(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """One line: key count, value count and dtype counts, e.g. '121 keys, 125,206,318 values (float32 x120, float64 x1)'."""
+    dtypes = collections.Counter(str(v.dtype).removeprefix("torch.") for v in state_dict.values())
+    numel = sum(v.numel() for v in state_dict.values())
+    counts = ", ".join(f"{d} x{n}" for d, n in sorted(dtypes.items()))
+    return f"{len(state_dict)} keys, {numel:,} values ({counts})"
+
+
+def _shape(v: torch.Tensor | Sequence[int]) -> tuple[int, ...]:
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(int(d) for d in v)
+
+
+def _first(obj: Mapping, n: int = 8) -> str:
+    keys = [repr(k) for k in list(obj)[:n]]
+    return "[" + ", ".join(keys) + (", ..." if len(obj) > n else "") + "]"
+
+
+def _plain_tensors(module_or_state_dict: nn.Module | Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU tensors that own their storage; refuses non-tensors and non-finite values."""
+    sd = module_or_state_dict.state_dict() if isinstance(module_or_state_dict, nn.Module) else module_or_state_dict
+    if not isinstance(sd, Mapping):
+        raise CheckpointError(f"{path}: expected an nn.Module or a state dict, got {type(sd).__name__}")
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, value in sd.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: not saved: entry {name!r} is a {type(value).__name__}, not a tensor")
+        if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise CheckpointError(f"{path}: not saved: {name!r} has {bad} non-finite value(s) of {value.numel()} "
+                                  f"(a non-finite model is never saved)")
+        t = value.detach().cpu().contiguous()
+        storage = t.untyped_storage()
+        # A view of a larger storage, or a storage already used by another key, gets its own copy.
+        if storage.nbytes() != t.numel() * t.element_size() or storage.data_ptr() in seen:
+            t = t.clone()
+        if t.numel():
+            seen.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    if not out:
+        raise CheckpointError(f"{path}: not saved: the state dict is empty")
+    return out
+
+
+def _to_json(value: Any, path: Path, what: str) -> str:
+    try:
+        return json.dumps(value, allow_nan=False)  # strict JSON so any reader can parse the metadata
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not saved: {what} is not plain JSON data ({exc})") from exc
+
+
+def _atomic_write(path: Path, write: Callable[[str], None], overwrite: bool) -> Path:
+    """write(tmp) into a temp file beside `path`, fsync it, rename it over `path`: readers see the old or the new file."""
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"{path}: already exists; not overwritten (pass overwrite=True / --overwrite)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        # os.open with 0o666 honours the umask (mkstemp would leave the checkpoint readable by its owner only).
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        mode = tmp.stat().st_mode
+        write(str(tmp))
+        os.chmod(tmp, mode)  # safetensors replaces the file with a private (0600) one of its own
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable; not possible on every platform/filesystem, so best effort.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
