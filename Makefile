@@ -20,6 +20,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_render.py
+	@if $(PY) -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then \
+		$(PY) benchmarks/bench_models.py; else echo "bench_models.py skipped: paper-scale models need a GPU"; fi
 
 clean:
 	rm -rf .venv .pytest_cache
