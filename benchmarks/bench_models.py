@@ -61,7 +61,7 @@ def randomise(model):
 
 
 def maybe_compile(model):
-    return torch.compile(model) if COMPILE else model
+    return torch.compile(model, mode=COMPILE) if COMPILE else model
 
 
 def case_dit_forward(args, device):
@@ -78,7 +78,7 @@ def case_dit_forward(args, device):
 def case_dit_train(args, device):
     cfg = load_config(ROOT / "configs/diffusion.yml").model
     model = randomise(DiT(**cfg)).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     model = maybe_compile(model)
     x = dit_inputs(cfg, 2, 24, device)
 
@@ -116,7 +116,7 @@ def case_vae_decode(args, device):
 def case_vae_train(args, device):
     cfg = load_config(ROOT / "configs/vae.yml").model
     model = randomise(MotionVAE(**cfg, use_checkpoint=True)).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     static, delta, gs = vae_inputs(cfg, 2, args.train_frames, args.train_gaussians, device)
 
     def run():
@@ -142,7 +142,9 @@ def main():
     ap.add_argument("--train-gaussians", type=int, default=100_000)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the models first")
+    ap.add_argument("--compile", nargs="?", const="default", default=None,
+                    choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                    help="torch.compile the models first (optionally with a mode)")
     ap.add_argument("--sdpa", default="auto", choices=["auto", "flash", "cudnn", "efficient"],
                     help="restrict scaled_dot_product_attention to one kernel family")
     args = ap.parse_args()
@@ -151,7 +153,7 @@ def main():
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"device: {name}; torch {torch.__version__}; bf16 autocast; {'compiled' if args.compile else 'eager'}; SDPA {args.sdpa}; "
+    print(f"device: {name}; torch {torch.__version__}; bf16 autocast; {f'compiled ({args.compile})' if args.compile else 'eager'}; SDPA {args.sdpa}; "
           f"median of {args.repeats}")
     print("| case | median (ms) | peak memory (GiB) |\n|---|---|---|")
     from torch.nn.attention import SDPBackend, sdpa_kernel

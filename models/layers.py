@@ -20,16 +20,18 @@ class LayerNorm32(nn.LayerNorm):
 class AbsolutePositionEmbedder(nn.Module):
     """Sinusoidal embedding of D-d coordinates into `channels`: per axis [sin(x f_k), cos(x f_k)] with
     f_k = 10000^(-k/F), F = channels // D // 2, axes concatenated and zero-padded to `channels` (DiT, static VAE).
-    The frequencies are float32 constants, not state."""
+    The frequencies are float32 constants: a non-persistent buffer, so they move with the module (no host-to-device copy,
+    and no synchronisation, per call) and stay out of the state dict."""
 
     def __init__(self, channels: int, in_dims: int = 3):
         super().__init__()
         self.channels, self.in_dims = channels, in_dims
         self.freq_dim = channels // in_dims // 2
-        self.freqs = 1.0 / 10000 ** (torch.arange(self.freq_dim, dtype=torch.float32) / self.freq_dim)
+        freqs = 1.0 / 10000 ** (torch.arange(self.freq_dim, dtype=torch.float32) / self.freq_dim)
+        self.register_buffer("freqs", freqs, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., channels)
-        angles = x[..., None] * self.freqs.to(x.device)
+        angles = x[..., None] * self.freqs.float()  # float32 even after module.double(), as published
         emb = torch.cat([angles.sin(), angles.cos()], -1).flatten(-2)
         return F.pad(emb, (0, self.channels - emb.shape[-1]))
 
