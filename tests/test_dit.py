@@ -73,3 +73,19 @@ def test_untrained_model_predicts_zero_and_any_frame_count_works():
     x2 = x[:, :2].clone()
     x2[:, 0] += 1
     assert (model(x2, torch.tensor([5.0, 900.0]), **c)[:, 1] - out[:, 1]).abs().max() > 1e-3
+
+
+def test_golden_training_loss_with_the_dit():
+    from models.diffusion import GaussianDiffusion
+
+    model, t, tol = _golden_model()
+    diffusion = GaussianDiffusion.from_config(load_golden("diffusion")[1]["config"]["diffusion"])
+    cond = dict(cond_images=t["in.cond_images"], static_latent=t["in.static_latent"],
+                deformation_position_xyz=t["in.deformation_position_xyz"])
+    x0, noise, steps = t["loss.in.x_start"], t["loss.in.noise"], t["loss.in.t"]
+    assert rel_err(diffusion.q_sample(x0, steps, noise), t["loss.out.x_t"]) <= tol["tol"]
+    with torch.no_grad():
+        out = model(t["loss.out.x_t"], diffusion.model_time(steps), **cond)
+        mse = diffusion.training_loss(model, x0, steps, noise, **cond)
+    assert rel_err(out, t["loss.out.model_output"]) <= tol["tol"]
+    assert rel_err(mse, t["loss.out.mse"]) <= tol["tol"]

@@ -99,3 +99,19 @@ def test_untrained_variation_is_zero():
     out, enc = model(static, delta, gs)
     assert torch.equal(out, torch.zeros(2, 4, gs.shape[1], 14))
     assert enc.posterior.kl().shape == (2, 4)
+
+
+def test_golden_xyz_loss():
+    from utils.losses import mesh_guided_xyz_loss
+
+    t, meta = load_golden("motion_vae")
+    queries, lengths = pad_gaussians([t["in.static_gs0"], t["in.static_gs1"]])
+    loss, target = mesh_guided_xyz_loss(t["xyzloss.in.pred_delta"], queries[..., :3], lengths, t["in.static_pc"],
+                                        t["in.static_pc"][:, None] + t["in.delta_pc"])
+    assert rel_err(target, t["xyzloss.out.target"]) <= meta["tolerance"]["tol"]
+    assert rel_err(loss, t["xyzloss.out.loss"]) <= meta["tolerance"]["tol"]
+    # Padding never contributes: changing predictions on pad rows leaves the loss unchanged.
+    pred = t["xyzloss.in.pred_delta"].clone()
+    pred[1, :, 80:] += 5.0
+    assert torch.equal(mesh_guided_xyz_loss(pred, queries[..., :3], lengths, t["in.static_pc"],
+                                            t["in.static_pc"][:, None] + t["in.delta_pc"])[0], loss)
