@@ -122,7 +122,7 @@ def case_vae_train(args, device):
     def run():
         with torch.autocast(device.type, torch.bfloat16):
             out, enc = model(static, delta, gs)
-            loss = out.float().abs().mean() + 1e-6 * enc.posterior.kl().mean()
+            loss = out.float().abs().mean() + 1e-6 * enc.kl().mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -53,11 +53,15 @@ class SelfAttention(nn.Module):
         self.qk_rms_norm = qk_rms_norm
         self.to_out = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, C)
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(..., C) -> q, k, v each (..., H, D), the fused projection split as [q | k | v] blocks."""
         q, k, v = self.to_qkv(x).unflatten(-1, (3, self.heads, self.head_dim)).unbind(-3)
         if self.qk_rms_norm:
             q, k = self.q_rms_norm(q), self.k_rms_norm(k)
-        return self.to_out(attention(q, k, v).flatten(-2))
+        return q, k, v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, C)
+        return self.to_out(attention(*self.qkv(x)).flatten(-2))
 
 
 class CrossAttention(nn.Module):
@@ -92,3 +96,44 @@ class CrossAttention(nn.Module):
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         k, v = kv if kv is not None else self.kv(x if context is None else context)
         return self.to_out(attention(self.q(x), k, v).flatten(-2))
+
+
+# --- sparse windowed (swin) attention over voxel tokens -----------------------------------------------------------------
+
+def window_ids(coords: torch.Tensor, window: int, shift: int) -> torch.Tensor:
+    """(N,) window id of each voxel: (batch, floor((ijk + shift) / window)) flattened; coords (N, 4) = [b, i, j, k]."""
+    w = torch.div(coords[:, 1:].long() + shift, window, rounding_mode="floor")
+    dims = w.amax(0) + 1
+    return ((coords[:, 0].long() * dims[0] + w[:, 0]) * dims[1] + w[:, 1]) * dims[2] + w[:, 2]
+
+
+def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coords: torch.Tensor, window: int = 8,
+                       shift: int = 0, max_elements: int = 1 << 24) -> torch.Tensor:
+    """Full attention among the voxels of each non-empty window, none across windows.
+
+    q, k, v (N, H, D) per voxel; coords (N, 4). Windows are sorted by size and padded to the next power of two inside
+    size buckets (at most log2(window³) buckets, never a loop over windows), then run through SDPA with a key mask.
+    """
+    n, h, d = q.shape
+    ids = window_ids(coords, window, shift)
+    order = torch.argsort(ids, stable=True)
+    _, counts = torch.unique_consecutive(ids[order], return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    padded_len = torch.pow(2, torch.ceil(torch.log2(counts.double())).long())
+    out_index, out_values = [], []
+    for length in torch.unique(padded_len).tolist():
+        wins = torch.nonzero(padded_len == length).flatten()
+        per_chunk = max(1, max_elements // (length * length * h))  # bounds the (windows, H, L, L) score memory
+        for c in range(0, len(wins), per_chunk):
+            sel = wins[c:c + per_chunk]
+            slot = torch.arange(length, device=q.device)
+            valid = slot[None] < counts[sel][:, None]                                   # (w, L)
+            tokens = order[(starts[sel][:, None] + slot[None])[valid]]
+            # Padding is written by masked assignment (gathering pad slots from one row would serialise the backward).
+            pad = lambda x: x.new_zeros(len(sel), length, h, x.shape[-1]).index_put((valid,), x[tokens])
+            mask = valid[:, None, None, :] if not bool(valid.all()) else None
+            o = F.scaled_dot_product_attention(pad(q).transpose(1, 2), pad(k).transpose(1, 2), pad(v).transpose(1, 2),
+                                               attn_mask=mask)
+            out_index.append(tokens)
+            out_values.append(o.transpose(1, 2)[valid])
+    return v.new_zeros(n, h, v.shape[-1]).index_put((torch.cat(out_index),), torch.cat(out_values))

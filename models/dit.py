@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.attention import CrossAttention, SelfAttention
-from models.layers import AbsolutePositionEmbedder, LayerNorm32, timestep_sinusoid
+from models.layers import AbsolutePositionEmbedder, FeedForward, LayerNorm32, timestep_sinusoid
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -34,16 +34,6 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return self.mlp(timestep_sinusoid(t, self.freq_dim).to(self.mlp[0].weight.dtype))
-
-
-class FeedForward(nn.Module):
-    def __init__(self, channels: int, mlp_ratio: float):
-        super().__init__()
-        hidden = int(channels * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x)
 
 
 class DiTBlock(nn.Module):

@@ -1,7 +1,9 @@
-"""Small layers shared by the networks: float32 LayerNorm, sinusoidal position embedding, stochastic depth."""
+"""Small layers shared by the networks: float32 LayerNorm, sinusoidal position embedding, the transformer MLP,
+a diagonal Gaussian posterior, stochastic depth."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -50,3 +52,34 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         return x
     keep = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device) >= p
     return x * keep.to(x.dtype) / (1 - p)
+
+
+class FeedForward(nn.Module):
+    """Linear -> GELU(tanh) -> Linear (`mlp.0`, `mlp.2`: the DiT's and the static VAE's block MLP)."""
+
+    def __init__(self, channels: int, mlp_ratio: float):
+        super().__init__()
+        hidden = int(channels * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
+@dataclass
+class DiagonalGaussian:
+    """A VAE posterior N(mean, exp(logvar))."""
+    mean: torch.Tensor
+    logvar: torch.Tensor
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise
+
+    def kl(self, dims: tuple[int, ...]) -> torch.Tensor:
+        """KL to N(0, I), averaged (not summed) over `dims`, as both published VAEs do."""
+        return 0.5 * (self.mean**2 + self.logvar.exp() - 1.0 - self.logvar).mean(dim=dims)

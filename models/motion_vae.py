@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.attention import CrossAttention, shared_query_attention
-from models.layers import drop_path
+from models.layers import DiagonalGaussian, drop_path
 from utils.pointcloud import farthest_point_sample, gather_points, interpolate_displacements
 
 LOGVAR_RANGE = (-30.0, 20.0)
@@ -85,29 +85,15 @@ class FeedForward(nn.Module):
 
 
 @dataclass
-class Posterior:
-    mean: torch.Tensor    # (B, T, L, latent_dim)
-    logvar: torch.Tensor  # (B, T, L, latent_dim), clamped
-
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + torch.exp(0.5 * self.logvar) * noise
-
-    @property
-    def std(self) -> torch.Tensor:
-        return torch.exp(0.5 * self.logvar)
-
-    def kl(self) -> torch.Tensor:
-        """KL to N(0, I), averaged over tokens and channels (as published): (B, T)."""
-        return 0.5 * (self.mean**2 + self.logvar.exp() - 1.0 - self.logvar).mean(dim=(-2, -1))
-
-
-@dataclass
 class Encoded:
-    posterior: Posterior
+    posterior: DiagonalGaussian  # mean, logvar (B, T, L, latent_dim)
     anchors: torch.Tensor      # (B, L, 14) the FPS-sampled canonical Gaussians (condition layout)
     anchor_index: torch.Tensor  # (B, L) their rows in the padded query batch
     delta_interp: torch.Tensor  # (B, T, L, 3) interpolated displacements at the anchors
+
+    def kl(self) -> torch.Tensor:
+        """(B, T): the KL averaged over tokens and channels, as published (spec §2.2)."""
+        return self.posterior.kl(dims=(-2, -1))
 
 
 def pad_gaussians(gaussians: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,7 +169,7 @@ class MotionVAE(nn.Module):
         x = ff(x) + x
         mean = self.mean_fc(x).unflatten(0, (b, t))
         logvar = self.logvar_fc(x).unflatten(0, (b, t)).clamp(*LOGVAR_RANGE)
-        return Encoded(Posterior(mean, logvar), anchors, index, delta_interp)
+        return Encoded(DiagonalGaussian(mean, logvar), anchors, index, delta_interp)
 
     # --- decoder -------------------------------------------------------------------------------------------------
     def decode(self, z: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 __all__ = ["CheckpointError", "load_published", "save_published", "save_checkpoint", "load_checkpoint",
-           "load_state_dict_strict", "check_state_dict", "mismatch_report", "summarize"]
+           "load_state_dict_strict", "check_state_dict", "mismatch_report", "summarize", "map_trellis_slat"]
 
 FORMAT = "gvfdiffusion-checkpoint"
 FORMAT_VERSION = "1"
@@ -242,6 +242,30 @@ def load_state_dict_strict(module: nn.Module, state_dict: Mapping[str, torch.Ten
     except RuntimeError as exc:  # keys and shapes matched, so this is a value that cannot be copied (e.g. a dtype)
         raise CheckpointError(f"{source}: could not be loaded into {type(module).__name__}: {exc}") from exc
     return module
+
+
+def map_trellis_slat(state_dict: Mapping[str, torch.Tensor], part: str) -> dict[str, torch.Tensor]:
+    """TRELLIS structured-latent VAE names -> our static-VAE names (spec §6.4, statedict_static_vae.json note).
+
+    part "decoder" (slat_dec_gs_*): input_layer -> from_latent, blocks.N -> decoder.N, out_layer kept (a 32-Gaussian
+    decoder's 448-channel out_layer will not fit our 112 and must be dropped by the caller), offset_perturbation ->
+    MipGS_perturbation. part "encoder" (slat_enc_*): input_layer kept, blocks.N -> encoder.N, out_layer -> to_latent.
+    """
+    rules = {"decoder": (("input_layer.", "from_latent."), ("blocks.", "decoder."), ("out_layer.", "out_layer."),
+                         ("offset_perturbation", "MipGS_perturbation")),
+             "encoder": (("input_layer.", "input_layer."), ("blocks.", "encoder."), ("out_layer.", "to_latent."))}
+    if part not in rules:
+        raise ValueError(f"map_trellis_slat: part must be 'decoder' or 'encoder', got {part!r}")
+    out = {}
+    for key, value in state_dict.items():
+        for old, new in rules[part]:
+            if key.startswith(old):
+                out[new + key[len(old):]] = value
+                break
+        else:
+            raise CheckpointError(f"TRELLIS SLat {part}: unexpected key {key!r} (expected input_layer, blocks.N, out_layer"
+                                  + (", offset_perturbation)" if part == "decoder" else ")"))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- helpers
