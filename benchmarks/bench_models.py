@@ -16,6 +16,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.dit import DiT  # noqa: E402
 from models.motion_vae import MotionVAE  # noqa: E402
+from models.sparse import SparseVoxels  # noqa: E402
+from models.static_vae import StaticVAE  # noqa: E402
 from utils.config import load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,7 +132,43 @@ def case_vae_train(args, device):
             f"{args.train_gaussians} Gaussians"), *timed(run, args.repeats, device)
 
 
-CASES = {"dit_forward": case_dit_forward, "vae_decode": case_vae_decode, "dit_train": case_dit_train, "vae_train": case_vae_train}
+def shell_voxels(count: int, resolution: int, device) -> torch.Tensor:
+    """About `count` voxels on a sphere shell: the surface-like occupancy of real objects (ragged swin windows)."""
+    grid = torch.stack(torch.meshgrid(*[torch.arange(resolution)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    r = ((grid + 0.5 - resolution / 2).float().norm(dim=-1))
+    order = torch.argsort((r - 0.44 * resolution).abs())
+    return grid[order[:count]].to(device)
+
+
+def _static_vae(args, device):
+    cfg = load_config(ROOT / "configs/vae.yml").static_vae.backbones.vae.args
+    model = randomise(StaticVAE(**cfg)).to(device).eval()
+    coords = shell_voxels(args.voxels, cfg.resolution, device)
+    x = SparseVoxels.from_list([coords], [torch.randn(len(coords), cfg.in_channels, device=device)])
+    return model, x
+
+
+def case_static_encode(args, device):
+    model, x = _static_vae(args, device)
+
+    def run():
+        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16):
+            model.encode(x)
+    return f"static-VAE encode, 64³, {args.voxels} voxels", *timed(run, args.repeats, device)
+
+
+def case_static_decode(args, device):
+    model, x = _static_vae(args, device)
+    z = x.replace(torch.randn(len(x.feats), 8, device=device))
+
+    def run():
+        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16):
+            model.to_gaussians(model.decode(z))
+    return f"static-VAE decode to Gaussians, 64³, {args.voxels} voxels", *timed(run, args.repeats, device)
+
+
+CASES = {"dit_forward": case_dit_forward, "vae_decode": case_vae_decode, "dit_train": case_dit_train, "vae_train": case_vae_train,
+         "static_encode": case_static_encode, "static_decode": case_static_decode}
 
 
 def main():
@@ -140,6 +178,7 @@ def main():
     ap.add_argument("--gaussians", type=int, default=200_000, help="Gaussians for the VAE decode")
     ap.add_argument("--train-frames", type=int, default=1, help="frames per sample in the VAE training step")
     ap.add_argument("--train-gaussians", type=int, default=100_000)
+    ap.add_argument("--voxels", type=int, default=20_000, help="active voxels for the static VAE")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compile", nargs="?", const="default", default=None,
