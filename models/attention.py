@@ -6,6 +6,8 @@ and the motion VAE's attention in general), `to_out`, and `q_rms_norm.gamma` / `
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -107,33 +109,43 @@ def window_ids(coords: torch.Tensor, window: int, shift: int) -> torch.Tensor:
     return ((coords[:, 0].long() * dims[0] + w[:, 0]) * dims[1] + w[:, 1]) * dims[2] + w[:, 2]
 
 
-def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coords: torch.Tensor, window: int = 8,
-                       shift: int = 0, max_elements: int = 1 << 24) -> torch.Tensor:
-    """Full attention among the voxels of each non-empty window, none across windows.
+@dataclass
+class WindowPlan:
+    """How the voxels of a sparse set split into windows, batched for SDPA: built once per (coords, shift) and shared
+    by every block with that shift. Each group holds windows padded to one power-of-two length."""
+    num_tokens: int
+    groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]  # (tokens (K,), valid (w, L), key mask or None)
+    tokens: torch.Tensor  # all groups' tokens, in output order
 
-    q, k, v (N, H, D) per voxel; coords (N, 4). Windows are sorted by size and padded to the next power of two inside
-    size buckets (at most log2(window³) buckets, never a loop over windows), then run through SDPA with a key mask.
-    """
-    n, h, d = q.shape
+
+def window_plan(coords: torch.Tensor, window: int = 8, shift: int = 0, heads: int = 1,
+                max_elements: int = 1 << 24, min_length: int = 32) -> WindowPlan:
+    """Sort voxels by window, bucket windows by padded length (powers of two from `min_length`: a handful of buckets,
+    never a loop over windows) and chunk each bucket so its (windows, heads, L, L) scores stay under `max_elements`."""
     ids = window_ids(coords, window, shift)
     order = torch.argsort(ids, stable=True)
     _, counts = torch.unique_consecutive(ids[order], return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
-    padded_len = torch.pow(2, torch.ceil(torch.log2(counts.double())).long())
-    out_index, out_values = [], []
+    padded_len = torch.pow(2, torch.ceil(torch.log2(counts.double())).long()).clamp_min(min_length)
+    groups = []
     for length in torch.unique(padded_len).tolist():
         wins = torch.nonzero(padded_len == length).flatten()
-        per_chunk = max(1, max_elements // (length * length * h))  # bounds the (windows, H, L, L) score memory
+        per_chunk = max(1, max_elements // (length * length * heads))
         for c in range(0, len(wins), per_chunk):
             sel = wins[c:c + per_chunk]
-            slot = torch.arange(length, device=q.device)
-            valid = slot[None] < counts[sel][:, None]                                   # (w, L)
+            slot = torch.arange(length, device=coords.device)
+            valid = slot[None] < counts[sel][:, None]
             tokens = order[(starts[sel][:, None] + slot[None])[valid]]
-            # Padding is written by masked assignment (gathering pad slots from one row would serialise the backward).
-            pad = lambda x: x.new_zeros(len(sel), length, h, x.shape[-1]).index_put((valid,), x[tokens])
-            mask = valid[:, None, None, :] if not bool(valid.all()) else None
-            o = F.scaled_dot_product_attention(pad(q).transpose(1, 2), pad(k).transpose(1, 2), pad(v).transpose(1, 2),
-                                               attn_mask=mask)
-            out_index.append(tokens)
-            out_values.append(o.transpose(1, 2)[valid])
-    return v.new_zeros(n, h, v.shape[-1]).index_put((torch.cat(out_index),), torch.cat(out_values))
+            groups.append((tokens, valid, None if bool(valid.all()) else valid[:, None, None, :]))
+    return WindowPlan(len(coords), groups, torch.cat([g[0] for g in groups]))
+
+
+def windowed_attention(qkv: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
+    """Full attention among the voxels of each non-empty window, none across windows: qkv (N, 3, H, D) -> (N, H, D)."""
+    outs = []
+    for tokens, valid, mask in plan.groups:
+        # Padding is written by masked assignment (gathering pad slots from one row would serialise the backward).
+        padded = qkv.new_zeros(*valid.shape, *qkv.shape[1:]).index_put((valid,), qkv[tokens])   # (w, L, 3, H, D)
+        q, k, v = padded.transpose(1, 3).unbind(2)                                                # (w, H, L, D) each
+        outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)[valid])
+    return qkv.new_zeros(plan.num_tokens, *qkv.shape[2:]).index_put((plan.tokens,), torch.cat(outs))

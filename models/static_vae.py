@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.attention import SelfAttention, windowed_attention
+from models.attention import SelfAttention, WindowPlan, window_plan, windowed_attention
 from models.layers import AbsolutePositionEmbedder, DiagonalGaussian, FeedForward, LayerNorm32
 from models.sparse import SparseVoxels
 from utils.gaussians import FILTER_3D, OPACITY_BIAS, SCALE_BIAS, Gaussians
@@ -58,15 +58,15 @@ class SwinBlock(nn.Module):
         self.mlp = FeedForward(channels, mlp_ratio)
         self.use_checkpoint = False
 
-    def _forward(self, h: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.attn.qkv(self.norm1(h))
-        h = h + self.attn.to_out(windowed_attention(q, k, v, coords, self.window, self.shift).flatten(-2))
+    def _forward(self, h: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
+        qkv = self.attn.to_qkv(self.norm1(h)).unflatten(-1, (3, self.attn.heads, self.attn.head_dim))
+        h = h + self.attn.to_out(windowed_attention(qkv, plan).flatten(-2))
         return h + self.mlp(self.norm2(h))
 
-    def forward(self, h: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
         if self.use_checkpoint and self.training and torch.is_grad_enabled():
-            return checkpoint(self._forward, h, coords, use_reentrant=False)
-        return self._forward(h, coords)
+            return checkpoint(self._forward, h, plan, use_reentrant=False)
+        return self._forward(h, plan)
 
 
 class StaticVAE(nn.Module):
@@ -118,8 +118,11 @@ class StaticVAE(nn.Module):
 
     def _trunk(self, blocks: nn.ModuleList, h: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         h = h + self.pos_embedder(coords[:, 1:].to(h.dtype))
+        plans = {}  # one window partition per shift, shared by the blocks
         for blk in blocks:
-            h = blk(h, coords)
+            if blk.shift not in plans:
+                plans[blk.shift] = window_plan(coords, blk.window, blk.shift, blk.attn.heads)
+            h = blk(h, plans[blk.shift])
         return self.norm_out(h)
 
     def encode(self, x: SparseVoxels) -> DiagonalGaussian:

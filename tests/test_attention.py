@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from models.attention import (CrossAttention, MultiHeadRMSNorm, SelfAttention, attention, shared_query_attention,
-                              windowed_attention)
+                              window_plan, windowed_attention)
 
 
 def naive(q, k, v):
@@ -90,8 +90,8 @@ def _dense_window_reference(q, k, v, coords, window, shift):
     return torch.einsum("hnm,mhe->nhe", torch.softmax(s, -1), v)
 
 
-@pytest.mark.parametrize("shift", [0, 4])
-def test_windowed_attention_equals_masked_dense_reference(shift):
+@pytest.mark.parametrize("shift,min_length", [(0, 1), (4, 1), (0, 32), (4, 64)])
+def test_windowed_attention_equals_masked_dense_reference(shift, min_length):
     g = torch.Generator().manual_seed(shift)
     # Two batch elements on a 32³ grid: a dense blob (full windows) and scattered voxels (ragged, singleton windows).
     blob = torch.stack(torch.meshgrid(*[torch.arange(4, 13)] * 3, indexing="ij"), -1).reshape(-1, 3)
@@ -103,7 +103,8 @@ def test_windowed_attention_equals_masked_dense_reference(shift):
     coords = coords[perm]
     n = len(coords)
     q, k, v = (torch.randn(n, 2, 8, generator=g, dtype=torch.float64).requires_grad_(True) for _ in range(3))
-    out = windowed_attention(q, k, v, coords, window=8, shift=shift, max_elements=4096)  # small chunks too
+    out = windowed_attention(torch.stack([q, k, v], 1), window_plan(coords, 8, shift, heads=2, max_elements=4096,
+                                                                    min_length=min_length))  # small chunks too
     ref = _dense_window_reference(q, k, v, coords, 8, shift)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
     weights = torch.randn(out.shape, generator=g, dtype=torch.float64)
@@ -112,5 +113,5 @@ def test_windowed_attention_equals_masked_dense_reference(shift):
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     # Shifting changes the partition: the two settings must differ on this set.
-    other = windowed_attention(q, k, v, coords, window=8, shift=4 - shift)
+    other = windowed_attention(torch.stack([q, k, v], 1), window_plan(coords, 8, 4 - shift))
     assert (other - out).abs().max() > 1e-3
