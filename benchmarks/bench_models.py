@@ -6,41 +6,20 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from models.dit import DiT  # noqa: E402
 from models.motion_vae import MotionVAE  # noqa: E402
 from models.sparse import SparseVoxels  # noqa: E402
 from models.static_vae import StaticVAE  # noqa: E402
+from timing import measure  # noqa: E402
 from utils.config import load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def timed(fn, repeats: int, device: torch.device) -> tuple[float, float]:
-    """Median seconds per call after two warm-up calls, and peak memory (GiB) over the timed calls."""
-    for _ in range(2):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return statistics.median(times), peak
 
 
 def dit_inputs(cfg, batch, frames, device):
@@ -74,7 +53,7 @@ def case_dit_forward(args, device):
     def run():
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16):
             model(*x)
-    return f"DiT forward, T={args.frames}, batch 1", *timed(run, args.repeats, device)
+    return f"DiT forward, T={args.frames}, batch 1", *measure(run, args.repeats, device)
 
 
 def case_dit_train(args, device):
@@ -90,7 +69,7 @@ def case_dit_train(args, device):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return "DiT training step (fwd+bwd+AdamW), T=24, batch 2", *timed(run, args.repeats, device)
+    return "DiT training step (fwd+bwd+AdamW), T=24, batch 2", *measure(run, args.repeats, device)
 
 
 def vae_inputs(cfg, batch, frames, gaussians, device):
@@ -112,7 +91,7 @@ def case_vae_decode(args, device):
     def run():
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16):
             decode(z, gs)
-    return f"motion-VAE decode, {args.gaussians} Gaussians x {args.frames} frames", *timed(run, args.repeats, device)
+    return f"motion-VAE decode, {args.gaussians} Gaussians x {args.frames} frames", *measure(run, args.repeats, device)
 
 
 def case_vae_train(args, device):
@@ -129,7 +108,7 @@ def case_vae_train(args, device):
         opt.step()
         opt.zero_grad(set_to_none=True)
     return (f"motion-VAE training step (encode+decode+bwd+AdamW), batch 2, {args.train_frames} frame(s), "
-            f"{args.train_gaussians} Gaussians"), *timed(run, args.repeats, device)
+            f"{args.train_gaussians} Gaussians"), *measure(run, args.repeats, device)
 
 
 def shell_voxels(count: int, resolution: int, device) -> torch.Tensor:
@@ -154,7 +133,7 @@ def case_static_encode(args, device):
     def run():
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16):
             model.encode(x)
-    return f"static-VAE encode, 64³, {args.voxels} voxels", *timed(run, args.repeats, device)
+    return f"static-VAE encode, 64³, {args.voxels} voxels", *measure(run, args.repeats, device)
 
 
 def case_static_decode(args, device):
@@ -164,7 +143,7 @@ def case_static_decode(args, device):
     def run():
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16):
             model.to_gaussians(model.decode(z))
-    return f"static-VAE decode to Gaussians, 64³, {args.voxels} voxels", *timed(run, args.repeats, device)
+    return f"static-VAE decode to Gaussians, 64³, {args.voxels} voxels", *measure(run, args.repeats, device)
 
 
 CASES = {"dit_forward": case_dit_forward, "vae_decode": case_vae_decode, "dit_train": case_dit_train, "vae_train": case_vae_train,

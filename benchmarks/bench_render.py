@@ -7,15 +7,14 @@ agreement between the torch and gsplat backends.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
 from render_reference import random_scene  # noqa: E402
+from timing import measure  # noqa: E402
 from utils.cameras import turntable  # noqa: E402
 from utils.render import rasterize  # noqa: E402
 
@@ -24,20 +23,6 @@ PARAMS = ["xyz", "f_dc", "opacity_logit", "scale_pre", "quat"]
 
 def scene(n, device, seed=0):
     return random_scene(n, seed, device=device, scale_range=(-6.0, -4.0))
-
-
-def time_call(fn, repeats, device):
-    times = []
-    for i in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i:  # the first call warms up (kernel compilation, allocator)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def bench(backend, g, ext, k, res, repeats, device):
@@ -52,11 +37,8 @@ def bench(backend, g, ext, k, res, repeats, device):
         out = rasterize(Gaussians(*leaves), ext, k, res, res, background=1.0, backend=backend)
         (out.rgb.sum() + out.alpha.sum()).backward()
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t_f = time_call(fwd, repeats, device)
-    t_fb = time_call(fwd_bwd, repeats, device)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    t_f, _ = measure(fwd, repeats, device, warmup=1)
+    t_fb, peak = measure(fwd_bwd, repeats, device, warmup=1)
     return t_f, t_fb, peak
 
 

@@ -1,0 +1,28 @@
+"""Timing shared by the benchmarks: median wall time per call with device synchronisation, and peak GPU memory."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def measure(fn, repeats: int, device: torch.device, warmup: int = 2) -> tuple[float, float]:
+    """Median seconds per call over `repeats` timed calls after `warmup` untimed ones (compilation, allocator), and the
+    peak GPU memory (GiB) during the timed calls (nan on the CPU)."""
+    cuda = device.type == "cuda"
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), (torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"))
