@@ -1,0 +1,140 @@
+"""Sample directory layout: the published file names, path safety, and the voxel / image-token npz files."""
+
+import numpy as np
+import pytest
+import torch
+
+from datasets import layout as L
+
+
+def test_published_names(tmp_path):
+    s = L.SampleDir(tmp_path, "uid123")
+    root = tmp_path / "uid123"
+    assert s.root == root
+    assert s.image(3, 12) == root / "imgs" / "timestep_03_view_12.png"
+    assert s.camera(0, 7) == root / "meta_data" / "timestep_00_view_07.json"
+    assert s.static_vertices == root / "objs/mesh_data/static_frame_vertices.pt"
+    assert s.frame_deltas == root / "objs/mesh_data/moving_frame_deltas.pt"
+    assert s.voxel_features() == root / "features_all_timesteps/0/dinov2_vitl14_reg.npz"
+    assert s.voxel_features(5, "patch") == root / "features_all_timesteps/5/patch.npz"
+    assert s.latent == tmp_path / "latents/uid123/deformation_latent.pt"
+    # DINOv2 keeps the published folder name; other extractors get their own folder.
+    assert s.cond_features() == tmp_path / "dinov2_cond_features/uid123.npz"
+    assert s.cond_features("patch") == tmp_path / "patch_cond_features/uid123.npz"
+    assert L.image_path(root, 100, 2).name == "timestep_100_view_02.png"
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../other", "a/../../b", "..", "", "  ", " a", "C:\\x",
+                                  "a\\..\\..\\b", "."])
+def test_resolve_sample_rejects_escapes(tmp_path, name):
+    with pytest.raises(ValueError):
+        L.resolve_sample(tmp_path, name)
+    with pytest.raises(ValueError):
+        L.SampleDir(tmp_path, name)
+
+
+def test_resolve_sample_accepts_relative(tmp_path):
+    assert L.resolve_sample(tmp_path, "objaverse/abc") == tmp_path / "objaverse" / "abc"
+    assert L.latent_path(tmp_path, "objaverse/abc") == tmp_path / "latents/objaverse/abc/deformation_latent.pt"
+    assert L.cond_features_path(tmp_path, "a.b") == tmp_path / "dinov2_cond_features/a.b.npz"
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "", ".hidden"])
+def test_bad_extractor_names(tmp_path, bad):
+    with pytest.raises(ValueError):
+        L.voxel_features_path(tmp_path, 0, bad)
+
+
+def test_bad_indices():
+    with pytest.raises(ValueError):
+        L.image_path("r", -1, 0)
+    with pytest.raises(ValueError):
+        L.camera_path("r", 0, 1.5)
+
+
+def test_voxel_features_round_trip(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(64 ** 3, generator=g)[:500]
+    indices = torch.stack([idx // 4096, idx // 64 % 64, idx % 64], 1)
+    feats = torch.randn(500, 16, generator=g) * 3
+    path = L.write_voxel_features(tmp_path / "f/features_all_timesteps/0/x.npz", indices, feats)
+    with np.load(path) as raw:  # the published on-disk dtypes
+        assert sorted(raw.files) == ["indices", "patchtokens"]
+        assert raw["indices"].dtype == np.uint8 and raw["patchtokens"].dtype == np.float16
+    coords, out = L.read_voxel_features(path)
+    assert coords.dtype == torch.int32 and out.dtype == torch.float32
+    assert torch.equal(coords, indices.int())
+    assert torch.allclose(out, feats.half().float())
+    assert [p.name for p in path.parent.iterdir()] == ["x.npz"]  # no temp file left behind
+
+    with pytest.raises(FileExistsError):
+        L.write_voxel_features(path, indices, feats)
+    L.write_voxel_features(path, indices[:3], feats[:3], overwrite=True)
+    assert L.read_voxel_features(path)[0].shape == (3, 3)
+
+
+def _save(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+GOOD_I = np.array([[0, 1, 2], [3, 4, 5]], np.uint8)
+GOOD_F = np.ones((2, 8), np.float16)
+
+
+@pytest.mark.parametrize("arrays, message", [
+    (dict(indices=GOOD_I), "missing key"),
+    (dict(indices=GOOD_I.astype(np.float32), patchtokens=GOOD_F), "integers"),
+    (dict(indices=GOOD_I, patchtokens=GOOD_F.astype(np.int16)), "floating"),
+    (dict(indices=GOOD_I[:, :2], patchtokens=GOOD_F), "(N, 3)"),
+    (dict(indices=GOOD_I, patchtokens=GOOD_F[:1]), "patchtokens must be"),
+    (dict(indices=np.array([[0, 1, 64], [0, 0, 0]]), patchtokens=GOOD_F), "[0, 64)"),
+    (dict(indices=np.array([[1, 1, 1], [1, 1, 1]], np.uint8), patchtokens=GOOD_F), "duplicate"),
+    (dict(indices=GOOD_I, patchtokens=np.array([[np.inf] * 8, [0] * 8], np.float16)), "non-finite"),
+    (dict(indices=np.zeros((0, 3), np.uint8), patchtokens=np.zeros((0, 8), np.float16)), "no voxels"),
+])
+def test_bad_voxel_files_name_the_file(tmp_path, arrays, message):
+    path = _save(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ValueError) as err:
+        L.read_voxel_features(path)
+    assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_unreadable_files(tmp_path):
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"PK\x03\x04 truncated")
+    npy = tmp_path / "array.npz"
+    with open(npy, "wb") as f:
+        np.save(f, np.zeros(3))
+    pickled = _save(tmp_path / "pickled.npz", indices=np.array([{"a": 1}], dtype=object), patchtokens=GOOD_F)
+    for path in (garbage, npy, pickled):
+        with pytest.raises(ValueError, match="cannot read npz") as err:
+            L.read_voxel_features(path)
+        assert str(path) in str(err.value)
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        L.read_voxel_features(tmp_path / "missing.npz")
+
+
+def test_write_validates_before_writing(tmp_path):
+    path = tmp_path / "v.npz"
+    with pytest.raises(ValueError, match="uint8"):
+        L.write_voxel_features(path, GOOD_I, GOOD_F, resolution=512)
+    with pytest.raises(ValueError, match="overflow"):
+        L.write_voxel_features(path, GOOD_I, np.full((2, 8), 1e6, np.float32))
+    with pytest.raises(ValueError, match="range"):
+        L.write_voxel_features(path, np.array([[0, 0, 70], [0, 0, 0]]), GOOD_F)
+    assert not path.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cond_features_round_trip(tmp_path):
+    tokens = torch.randn(3, 10, 8)
+    path = L.write_cond_features(L.cond_features_path(tmp_path, "obj"), tokens)
+    assert path == tmp_path / "dinov2_cond_features/obj.npz"
+    with np.load(path) as raw:
+        assert raw.files == ["features"] and raw["features"].dtype == np.float16
+    assert torch.allclose(L.read_cond_features(path), tokens.half().float())
+    assert L.read_cond_features(path, torch.float16).dtype == torch.float16
+    bad = _save(tmp_path / "bad.npz", features=np.zeros((3, 10), np.float16))
+    with pytest.raises(ValueError, match="T, L, C") as err:
+        L.read_cond_features(bad)
+    assert str(bad) in str(err.value)
