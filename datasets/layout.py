@@ -4,9 +4,11 @@ Per-object directory ``<data_root>/<name>/`` (published layout, spec §1.1, so e
 
     imgs/timestep_{TT:02d}_view_{VV:02d}.png          RGBA render
     meta_data/timestep_{TT:02d}_view_{VV:02d}.json    camera (utils/cameras.load_blender_camera)
+    objs/frame{t}.obj                                 the renderer's triangulated mesh of frame t
     objs/mesh_data/static_frame_vertices.pt           (8192, 3) surface points
     objs/mesh_data/moving_frame_deltas.pt             (T, 8192, 3) displacements
     features_all_timesteps/<t>/<extractor>.npz        voxel features: indices (N, 3) uint8, patchtokens (N, C) float16
+    metadata.json, static.txt                         render record; marker of an object rejected as static
 
 Per-dataset files, under the same ``<data_root>`` (one convention, fixing the three of spec §10.1)::
 
@@ -36,8 +38,8 @@ _COND_PREFIX = {"dinov2_vitl14_reg": "dinov2"}  # the published folder name is d
 # ----------------------------------------------------------------------------------------------- names
 def resolve_sample(data_root, name: str) -> Path:
     """``data_root / name`` for a name read from a list file, refusing names that could leave the data root:
-    empty, absolute (POSIX or Windows style), or with a ``..`` component. Checked lexically, so a data root built
-    from symlinks to other disks still works."""
+    empty, absolute (POSIX or Windows style), with a ``..`` component, or a symlink (anywhere along the path) that
+    leads outside the data root. The data root itself may be a symlink: the check compares real paths."""
     if not isinstance(name, str) or not name.strip() or "\x00" in name:
         raise ValueError(f"sample name must be a non-empty string, got {name!r}")
     if name != name.strip():
@@ -50,7 +52,39 @@ def resolve_sample(data_root, name: str) -> Path:
         raise ValueError(f"sample name {name!r} contains '..' and would leave the data root {data_root}")
     if all(part == "." for part in posix.parts):
         raise ValueError(f"sample name {name!r} names the data root itself")
-    return Path(data_root) / posix
+    path = Path(data_root) / posix
+    root_real, real = os.path.realpath(data_root), os.path.realpath(path)
+    if os.path.commonpath([root_real, real]) != root_real:
+        raise ValueError(f"sample name {name!r} resolves to {real} through a symlink, outside the data root {root_real}")
+    return path
+
+
+def read_list_file(path, data_root) -> list[str]:
+    """Sample names from a list file (one per line; blank lines and '#' comments skipped; extra whitespace-separated
+    fields such as the published "<name> <canonical_idx>" are ignored). Every entry must stay inside ``data_root``;
+    a bad entry raises ValueError naming the file, the line and the entry."""
+    names = []
+    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name = line.split()[0]
+        try:
+            resolve_sample(data_root, name)
+        except ValueError as e:
+            raise ValueError(f"{path}, line {lineno}: entry {name!r} refused: {e}") from None
+        names.append(name)
+    return names
+
+
+def write_list_file(path, names) -> Path:
+    """One name per line, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{n}\n" for n in names))
+    os.replace(tmp, path)
+    return path
 
 
 def _index(value, what: str) -> int:
@@ -69,6 +103,18 @@ def image_path(sample_root, timestep: int, view: int) -> Path:
 
 def camera_path(sample_root, timestep: int, view: int) -> Path:
     return Path(sample_root) / "meta_data" / f"{_frame_stem(timestep, view)}.json"
+
+
+def mesh_frame_path(sample_root, timestep: int) -> Path:
+    return Path(sample_root) / "objs" / f"frame{_index(timestep, 'timestep')}.obj"
+
+
+def render_metadata_path(sample_root) -> Path:
+    return Path(sample_root) / "metadata.json"
+
+
+def static_marker_path(sample_root) -> Path:
+    return Path(sample_root) / "static.txt"
 
 
 def static_vertices_path(sample_root) -> Path:

@@ -1,0 +1,138 @@
+"""A ready-to-train synthetic 4D dataset in the published layout, with no download and no Blender:
+
+    python -m data_rendering.synthetic --out data/synth --num 200
+
+For each object: procedural animated mesh (data_rendering/synthetic.py) -> T frames × V views of RGBA renders with the
+published cameras (8 fixed views, then random ones re-drawn per frame; Blender's default field of view; radius 2) and
+their camera JSON files -> 8192 corresponding surface points -> frame-0 features lifted onto 64³ voxels. Then list
+files all.txt / train.txt / test.txt. Objects are written to a temporary folder and renamed when complete, so an
+interrupted run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import multiprocessing as mp
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data_rendering.mesh import MeshSequence
+from data_rendering.prepare_vae_data import prepare_sample
+from data_rendering.rasterizer import render_mesh
+from datasets import layout
+from utils.cameras import BLENDER_DEFAULT_FOV, TRAIN_RADIUS, blender_camera_json, intrinsics_from_fov, look_at, published_view_positions
+
+
+def frame_cameras(num_views: int, seed: int, frame: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The published view set of one frame: the 8 fixed views, then random ones drawn for this (object, frame)."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + frame)
+    eye = published_view_positions(num_views, TRAIN_RADIUS, generator=gen, dtype=torch.float64)
+    extrinsics = look_at(eye, torch.zeros_like(eye)).float()
+    intrinsics = intrinsics_from_fov(torch.full((num_views,), BLENDER_DEFAULT_FOV, dtype=torch.float64)).float()
+    return extrinsics, intrinsics
+
+
+def render_sample(seq: MeshSequence, root: Path, num_views: int, resolution: int, seed: int) -> None:
+    """Write imgs/ and meta_data/ for every frame and view (RGBA PNG; camera JSON as Blender's writer)."""
+    colors = seq.colors if seq.texture is None else None
+    for t in range(seq.num_frames):
+        extrinsics, intrinsics = frame_cameras(num_views, seed, t)
+        out = render_mesh(seq.vertices[t], seq.faces, extrinsics.numpy(), intrinsics.numpy(), resolution, resolution,
+                          vertex_colors=colors, uvs=seq.uvs, texture=seq.texture)
+        rgba = (np.clip(out["rgba"], 0, 1) * 255 + 0.5).astype(np.uint8)
+        for v in range(num_views):
+            img_path, cam_path = layout.image_path(root, t, v), layout.camera_path(root, t, v)
+            img_path.parent.mkdir(parents=True, exist_ok=True)
+            cam_path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rgba[v], "RGBA").save(img_path, compress_level=1)
+            cam = blender_camera_json(extrinsics[v], BLENDER_DEFAULT_FOV, resolution, resolution)
+            cam_path.write_text(json.dumps(cam))
+
+
+@functools.lru_cache(maxsize=None)
+def _extractor(name: str):
+    from utils.image_features import get_extractor
+    return get_extractor(name)  # once per process: DINOv2 weights are not reloaded per object
+
+
+def write_object(out: Path, index: int, args) -> str:
+    """One complete sample directory `obj_XXXXX`; skipped when it already exists (resume)."""
+    from data_rendering.synthetic import make_object
+
+    name = f"obj_{index:05d}"
+    final = out / name
+    if final.exists():
+        return name
+    seed = args.seed * 1_000_003 + index
+    tmp = out / f".{name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    seq, meta = make_object(seed, args.frames)
+    render_sample(seq, tmp, args.views, args.res, seed)
+    prepare_sample(tmp, _extractor(args.extractor), seq=seq, seed=seed)
+    if args.write_meshes:
+        for t in range(seq.num_frames):
+            seq.write_obj(layout.mesh_frame_path(tmp, t), t)
+    meta.update(seed=seed, frames=args.frames, views=args.views, resolution=args.res, x_fov=BLENDER_DEFAULT_FOV,
+                extractor=args.extractor, source="data_rendering.synthetic")
+    layout.render_metadata_path(tmp).write_text(json.dumps(meta, indent=1))
+    tmp.rename(final)
+    return name
+
+
+def _worker(job):
+    out, index, args = job
+    torch.set_num_threads(1)  # one object per process: threads would only compete
+    try:
+        return write_object(out, index, args), None
+    except Exception as e:  # report and go on with the other objects
+        return f"obj_{index:05d}", f"{type(e).__name__}: {e}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="dataset root (sample directories and list files)")
+    ap.add_argument("--num", type=int, default=200, help="number of objects")
+    ap.add_argument("--frames", type=int, default=24)
+    ap.add_argument("--views", type=int, default=16, help="views per frame (8 fixed, then random)")
+    ap.add_argument("--res", type=int, default=128, help="render resolution (square)")
+    ap.add_argument("--extractor", default="patch", help="image features lifted onto the voxels (patch or dinov2_vitl14_reg)")
+    ap.add_argument("--test-fraction", type=float, default=0.05)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=max(1, min(mp.cpu_count(), 8)))
+    ap.add_argument("--write-meshes", action="store_true", help="also write objs/frame{t}.obj (as the Blender renderer)")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    start = time.perf_counter()
+    jobs = [(args.out, i, args) for i in range(args.num)]
+    names, failures = [], []
+    with mp.get_context("spawn" if sys.platform == "darwin" else "fork").Pool(args.workers) as pool:
+        for k, (name, error) in enumerate(pool.imap(_worker, jobs)):
+            (failures.append((name, error)) if error else names.append(name))
+            print(f"[{k + 1}/{args.num}] {name}{' FAILED ' + error if error else ''}", flush=True)
+
+    rng = np.random.default_rng(args.seed)
+    order = rng.permutation(len(names))
+    n_test = int(round(len(names) * args.test_fraction))
+    test = sorted(names[i] for i in order[:n_test])
+    train = sorted(names[i] for i in order[n_test:])
+    for file, subset in (("all.txt", sorted(names)), ("train.txt", train), ("test.txt", test)):
+        layout.write_list_file(args.out / file, subset)
+    print(f"{len(names)} objects ({len(train)} train, {len(test)} test) in {args.out} in {time.perf_counter() - start:.0f} s")
+    if failures:
+        print(f"{len(failures)} objects failed:", file=sys.stderr)
+        for name, why in failures:
+            print(f"  {name}: {why}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
