@@ -1,5 +1,7 @@
 """Sample directory layout: the published file names, path safety, and the voxel / image-token npz files."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -138,3 +140,25 @@ def test_cond_features_round_trip(tmp_path):
     with pytest.raises(ValueError, match="T, L, C") as err:
         L.read_cond_features(bad)
     assert str(bad) in str(err.value)
+
+
+def test_list_files_refuse_entries_leaving_the_data_root(tmp_path):
+    from datasets.layout import read_list_file
+
+    root = tmp_path / "data"
+    (root / "good").mkdir(parents=True)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (root / "escape").symlink_to(outside)          # a symlink inside the root that leads out
+    (root / "inner").symlink_to(root / "good")     # a symlink that stays inside is fine
+    listing = tmp_path / "list.txt"
+    listing.write_text("# comment\ngood 0\n\ninner\n")
+    assert read_list_file(listing, root) == ["good", "inner"]
+    for bad in ["../elsewhere", "/etc/passwd", "escape", "good/../../elsewhere"]:
+        listing.write_text(f"good\n{bad}\n")
+        with pytest.raises(ValueError, match=rf"list.txt, line 2: entry '{re.escape(bad)}' refused"):
+            read_list_file(listing, root)
+    # A data root that is itself a symlink is allowed: the check compares real paths.
+    (tmp_path / "link_root").symlink_to(root)
+    listing.write_text("good\n")
+    assert read_list_file(listing, tmp_path / "link_root") == ["good"]
