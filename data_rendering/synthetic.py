@@ -963,3 +963,11 @@ def make_object(seed: int, num_frames: int = 24, *, shape: str | None = None, mo
     if transforms is not None:
         meta["rigid_transforms"] = transforms
     return seq, _jsonable(meta)
+
+
+if __name__ == "__main__":  # `python -m data_rendering.synthetic --out data/synth --num 200` writes a whole dataset
+    import sys
+
+    from data_rendering.synthetic_dataset import main
+
+    sys.exit(main())

@@ -88,7 +88,10 @@ def write_object(out: Path, index: int, args) -> str:
 
 def _worker(job):
     out, index, args = job
+    import numba
+
     torch.set_num_threads(1)  # one object per process: threads would only compete
+    numba.set_num_threads(1)
     try:
         return write_object(out, index, args), None
     except Exception as e:  # report and go on with the other objects
