@@ -86,12 +86,16 @@ def write_object(out: Path, index: int, args) -> str:
     return name
 
 
-def _worker(job):
-    out, index, args = job
+def _single_threaded():
+    """Pool initializer: one object per process, so threads inside a process would only compete."""
     import numba
 
-    torch.set_num_threads(1)  # one object per process: threads would only compete
+    torch.set_num_threads(1)
     numba.set_num_threads(1)
+
+
+def _worker(job):
+    out, index, args = job
     try:
         return write_object(out, index, args), None
     except Exception as e:  # report and go on with the other objects
@@ -116,10 +120,17 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     jobs = [(args.out, i, args) for i in range(args.num)]
     names, failures = [], []
-    with mp.get_context("spawn" if sys.platform == "darwin" else "fork").Pool(args.workers) as pool:
-        for k, (name, error) in enumerate(pool.imap(_worker, jobs)):
+    # Fresh (spawned) workers: forking a process whose numba or torch thread pools are running can deadlock the child.
+    pool = mp.get_context("spawn").Pool(args.workers, initializer=_single_threaded) if args.workers > 1 else None
+    results = pool.imap(_worker, jobs) if pool else map(_worker, jobs)
+    try:
+        for k, (name, error) in enumerate(results):
             (failures.append((name, error)) if error else names.append(name))
             print(f"[{k + 1}/{args.num}] {name}{' FAILED ' + error if error else ''}", flush=True)
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
 
     rng = np.random.default_rng(args.seed)
     order = rng.permutation(len(names))
