@@ -50,28 +50,8 @@ import numpy as np
 
 SUPPORTED_SUFFIXES = (".glb", ".gltf", ".fbx")
 
-# ----------------------------------------------------------------------------------------------- file names
-# These mirror datasets/layout.py (the project's one naming authority; it imports torch, so it cannot be used in the
-# Blender venv). tests/test_blender_render.py holds the two to the same names.
-METADATA_NAME = "metadata.json"
-STATIC_NAME = "static.txt"
-
-
-def frame_stem(timestep: int, view: int) -> str:
-    return f"timestep_{int(timestep):02d}_view_{int(view):02d}"
-
-
-def image_path(root, timestep: int, view: int) -> Path:
-    return Path(root) / "imgs" / f"{frame_stem(timestep, view)}.png"
-
-
-def camera_path(root, timestep: int, view: int) -> Path:
-    return Path(root) / "meta_data" / f"{frame_stem(timestep, view)}.json"
-
-
-def frame_mesh_path(root, timestep: int) -> Path:
-    """Per-frame triangulated mesh, published name ``objs/frame{t}.obj``."""
-    return Path(root) / "objs" / f"frame{int(timestep)}.obj"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root: file names come from datasets/layout.py
+from datasets.layout import camera_path, image_path, mesh_frame_path, render_metadata_path, static_marker_path  # noqa: E402
 
 
 def partial_dir(out) -> Path:
@@ -83,9 +63,9 @@ def partial_dir(out) -> Path:
 def sample_status(out) -> str | None:
     """'complete' (metadata.json), 'static' (static.txt) or None (not rendered, or not by a finished run)."""
     out = Path(out)
-    if (out / METADATA_NAME).is_file():
+    if render_metadata_path(out).is_file():
         return "complete"
-    if (out / STATIC_NAME).is_file():
+    if static_marker_path(out).is_file():
         return "static"
     return None
 
@@ -369,38 +349,38 @@ def _set_frame(scene, frame: float) -> None:
     scene.frame_set(int(whole), subframe=float(frame - whole))
 
 
-def _evaluated_vertices(bpy, geometry) -> list[np.ndarray]:
-    """World-space vertex positions (V_i, 3) of each geometry object at the current frame."""
+def _from_evaluated_meshes(bpy, geometry, read) -> list[np.ndarray]:
+    """`read(evaluated object, its temporary mesh)` for each geometry object at the current frame."""
     depsgraph = bpy.context.evaluated_depsgraph_get()
     out = []
     for obj in geometry:
         evaluated = obj.evaluated_get(depsgraph)
         mesh = evaluated.to_mesh()
         try:
-            co = np.empty(3 * len(mesh.vertices), dtype=np.float64)
-            mesh.vertices.foreach_get("co", co)
-            m = np.array(evaluated.matrix_world, dtype=np.float64)
-            out.append(co.reshape(-1, 3) @ m[:3, :3].T + m[:3, 3])
+            out.append(read(evaluated, mesh))
         finally:
             evaluated.to_mesh_clear()
     return out
+
+
+def _evaluated_vertices(bpy, geometry) -> list[np.ndarray]:
+    """World-space vertex positions (V_i, 3) of each geometry object at the current frame."""
+    def read(evaluated, mesh):
+        co = np.empty(3 * len(mesh.vertices), dtype=np.float64)
+        mesh.vertices.foreach_get("co", co)
+        m = np.array(evaluated.matrix_world, dtype=np.float64)
+        return co.reshape(-1, 3) @ m[:3, :3].T + m[:3, 3]
+    return _from_evaluated_meshes(bpy, geometry, read)
 
 
 def _triangles(bpy, geometry) -> list[np.ndarray]:
     """Triangles (F_i, 3) of each geometry object's evaluated mesh at the current frame (Blender's tessellation)."""
-    depsgraph = bpy.context.evaluated_depsgraph_get()
-    out = []
-    for obj in geometry:
-        evaluated = obj.evaluated_get(depsgraph)
-        mesh = evaluated.to_mesh()
-        try:
-            mesh.calc_loop_triangles()
-            tris = np.empty(3 * len(mesh.loop_triangles), dtype=np.int64)
-            mesh.loop_triangles.foreach_get("vertices", tris)
-            out.append(tris.reshape(-1, 3))
-        finally:
-            evaluated.to_mesh_clear()
-    return out
+    def read(evaluated, mesh):
+        mesh.calc_loop_triangles()
+        tris = np.empty(3 * len(mesh.loop_triangles), dtype=np.int64)
+        mesh.loop_triangles.foreach_get("vertices", tris)
+        return tris.reshape(-1, 3)
+    return _from_evaluated_meshes(bpy, geometry, read)
 
 
 def _sample_geometry(bpy, scene, geometry, frames, counts) -> np.ndarray:
@@ -548,7 +528,7 @@ def render(args) -> str:
         print(f"{out}: already finished ({sample_status(out)}); pass --overwrite to render again")
         return "done"
     if out.exists() and not args.overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"--out {out} exists but is not a finished sample (no {METADATA_NAME} or {STATIC_NAME}); "
+        raise FileExistsError(f"--out {out} exists but is not a finished sample (no {render_metadata_path(out).name} or {static_marker_path(out).name}); "
                               "pass --overwrite to replace it")
     work = partial_dir(out)
     if work.exists():  # left over from an interrupted run
@@ -570,7 +550,7 @@ def render(args) -> str:
             print(f"{source}: materials with alpha 0 made opaque: {made_opaque}")
 
         def static(reason: str) -> str:
-            (work / STATIC_NAME).write_text(reason + "\n" + json.dumps(record) + "\n")
+            static_marker_path(work).write_text(reason + "\n" + json.dumps(record) + "\n")
             finish(work, out, args.overwrite)
             print(f"{out}: static ({reason})")
             return "static"
@@ -608,7 +588,7 @@ def render(args) -> str:
         render_time = 0.0
         for t, frame in enumerate(frames):
             _set_frame(scene, frame)
-            write_obj(frame_mesh_path(work, t), vertices[t], faces)
+            write_obj(mesh_frame_path(work, t), vertices[t], faces)
             bbox = [vertices[t].min(0), vertices[t].max(0)]
             for v, eye in enumerate(view_positions(args.views, rng, args.radius)):
                 camera.matrix_world = Matrix(look_at_matrix_world(eye).tolist())
@@ -625,7 +605,7 @@ def render(args) -> str:
                 write_json(camera_path(work, t, v),
                            camera_record(np.array(camera.matrix_world), x_fov, bbox=bbox))
         num_renders = len(frames) * args.views
-        write_json(work / METADATA_NAME, {
+        write_json(render_metadata_path(work), {
             **record,
             "frames": frames, "num_frames": len(frames), "keyframe_range": [first, last],
             "frames_resampled_uniformly": resampled, "mean_displacement": motion,

@@ -21,6 +21,7 @@ from data_rendering.mesh import MeshSequence
 from datasets import layout
 from utils.cameras import load_blender_camera
 from utils.feature_lifting import lift_features, voxelize_mesh
+from utils.logging import report_failures
 
 NUM_POINTS = 8192
 
@@ -154,12 +155,7 @@ def main(argv=None) -> int:
         except Exception as e:  # one bad sample must not stop the batch
             failures.append((name, f"{type(e).__name__}: {e}"))
             print(f"[{i + 1}/{len(names)}] {name}: FAILED {failures[-1][1]}", file=sys.stderr)
-    if failures:
-        print(f"{len(failures)} of {len(names)} samples failed:", file=sys.stderr)
-        for name, why in failures:
-            print(f"  {name}: {why}", file=sys.stderr)
-        return 1
-    return 0
+    return report_failures(failures, len(names), "samples")
 
 
 if __name__ == "__main__":

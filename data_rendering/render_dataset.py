@@ -37,6 +37,7 @@ try:
     from data_rendering import blender_render as br
 except ImportError:  # run as a script: data_rendering/ itself is on sys.path
     import blender_render as br
+from utils.logging import report_failures  # noqa: E402  (blender_render put the project root on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RENDER_PYTHON = REPO / ".venv-render" / "bin" / "python"
@@ -299,12 +300,7 @@ def main(argv=None) -> int:
     if args.failures:
         args.failures.parent.mkdir(parents=True, exist_ok=True)
         args.failures.write_text("".join(f"{a.name}\t{a.path}\t{d}\n" for a, d in failures))
-    if failures:
-        print(f"render_dataset: {len(failures)} failed:", file=sys.stderr)
-        for asset, detail in failures:
-            print(f"  {asset.name}\t{asset.path}\t{detail}", file=sys.stderr)
-        return 1
-    return 0
+    return report_failures([(f"{a.name}\t{a.path}", d) for a, d in failures], len(todo), "assets")
 
 
 if __name__ == "__main__":

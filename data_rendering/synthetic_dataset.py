@@ -27,6 +27,7 @@ from data_rendering.mesh import MeshSequence
 from data_rendering.prepare_vae_data import prepare_sample
 from data_rendering.rasterizer import render_mesh
 from datasets import layout
+from utils.logging import report_failures
 from utils.cameras import BLENDER_DEFAULT_FOV, TRAIN_RADIUS, blender_camera_json, intrinsics_from_fov, look_at, published_view_positions
 
 
@@ -140,12 +141,7 @@ def main(argv=None) -> int:
     for file, subset in (("all.txt", sorted(names)), ("train.txt", train), ("test.txt", test)):
         layout.write_list_file(args.out / file, subset)
     print(f"{len(names)} objects ({len(train)} train, {len(test)} test) in {args.out} in {time.perf_counter() - start:.0f} s")
-    if failures:
-        print(f"{len(failures)} objects failed:", file=sys.stderr)
-        for name, why in failures:
-            print(f"  {name}: {why}", file=sys.stderr)
-        return 1
-    return 0
+    return report_failures(failures, args.num, "objects")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ Per-dataset files, under the same ``<data_root>`` (one convention, fixing the th
                                                       prefix "dinov2" for dinov2_vitl14_reg (published name), else
                                                       the extractor name.
 
+This module imports no torch at load time (only the readers that return tensors do), so the Blender script, which runs
+in a torch-free venv, names its files through it too.
+
 Readers validate what they load and raise ValueError naming the file and the problem (FileNotFoundError when the
 file is missing); npz files are read with ``allow_pickle=False``. Writers are atomic and refuse to overwrite.
 """
@@ -28,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
-import torch
 
 DEFAULT_EXTRACTOR = "dinov2_vitl14_reg"
 VOXEL_RESOLUTION = 64
@@ -231,7 +233,7 @@ def _load_npz(path, keys) -> dict:
 
 
 def _as_numpy(x) -> np.ndarray:
-    return x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
 def _check_voxels(where, indices: np.ndarray, feats: np.ndarray, resolution: int):
@@ -274,12 +276,14 @@ def write_voxel_features(path, indices, feats, resolution: int = VOXEL_RESOLUTIO
     return _atomic_savez(path, overwrite, False, indices=indices.astype(np.uint8), patchtokens=feats.astype(np.float16))
 
 
-def read_voxel_features(path, resolution: int = VOXEL_RESOLUTION) -> tuple[torch.Tensor, torch.Tensor]:
+def read_voxel_features(path, resolution: int = VOXEL_RESOLUTION) -> tuple["torch.Tensor", "torch.Tensor"]:
     """Read a voxel feature file. Returns (coords int32 (N, 3), feats float32 (N, C)) as the published loader
     (``load_feature``); indices must be unique and inside [0, resolution)."""
     data = _load_npz(path, ("indices", "patchtokens"))
     indices, feats = data["indices"], data["patchtokens"]
     _check_voxels(str(path), indices, feats, resolution)
+    import torch
+
     return torch.from_numpy(indices.astype(np.int32)), torch.from_numpy(feats.astype(np.float32))
 
 
@@ -293,7 +297,7 @@ def write_cond_features(path, features, overwrite: bool = False) -> Path:
     return _atomic_savez(path, overwrite, True, features=features.astype(np.float16))
 
 
-def read_cond_features(path, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def read_cond_features(path, dtype=None) -> "torch.Tensor":
     """Read per-frame image tokens: (T, L, C) tensor of ``dtype``."""
     features = _load_npz(path, ("features",))["features"]
     if features.ndim != 3 or not np.issubdtype(features.dtype, np.floating) or 0 in features.shape:
@@ -301,4 +305,6 @@ def read_cond_features(path, dtype: torch.dtype = torch.float32) -> torch.Tensor
                          f"found {features.dtype} {features.shape}")
     if not np.isfinite(features).all():
         raise ValueError(f"{path}: features hold non-finite values")
-    return torch.from_numpy(features).to(dtype)
+    import torch
+
+    return torch.from_numpy(features).to(dtype or torch.float32)

@@ -37,10 +37,7 @@ CAMERA_KEYS = ["matrix_world", "format_version", "max_depth", "bbox", "origin", 
 
 # ----------------------------------------------------------------------------------------------- helpers (no Blender)
 def test_file_names_follow_the_layout(tmp_path):
-    for t, v in ((0, 0), (3, 12), (23, 99), (100, 2)):
-        assert br.image_path(tmp_path, t, v) == L.image_path(tmp_path, t, v)
-        assert br.camera_path(tmp_path, t, v) == L.camera_path(tmp_path, t, v)
-    assert br.frame_mesh_path(tmp_path, 7) == L.mesh_frame_path(tmp_path, 7) == tmp_path / "objs" / "frame7.obj"
+    assert L.mesh_frame_path(tmp_path, 7) == tmp_path / "objs" / "frame7.obj"
     assert br.partial_dir(tmp_path / "uid") == tmp_path / ".uid.partial"
 
 
@@ -390,7 +387,7 @@ def test_render_meshes_and_images_agree(rendered):
     faces0 = None
     ious = []
     for t in range(FRAMES):
-        vertices, faces = _read_obj(br.frame_mesh_path(root, t))
+        vertices, faces = _read_obj(L.mesh_frame_path(root, t))
         if faces0 is None:
             faces0 = faces
             lo, hi = vertices.min(0), vertices.max(0)
