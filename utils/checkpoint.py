@@ -344,11 +344,12 @@ def _atomic_write(path: Path, write: Callable[[str], None], overwrite: bool) -> 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder so a rename inside it is durable (shared by every atomic writer)."""
     # Makes the rename itself durable; not possible on every platform/filesystem, so best effort.
     try:
         fd = os.open(folder, os.O_RDONLY)

@@ -64,7 +64,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from utils.checkpoint import CheckpointError, check_state_dict, load_checkpoint, load_state_dict_strict, save_checkpoint
+from utils.checkpoint import (CheckpointError, check_state_dict, fsync_dir, load_checkpoint, load_state_dict_strict,
+                              save_checkpoint)
 
 __all__ = ["LoopConfig", "TrainLoop", "TrainResult", "ResumableSampler", "EMA", "NonFiniteLossError",
            "warmup_factor", "seed_everything", "resolve_checkpoint", "list_checkpoints"]
@@ -366,19 +367,6 @@ def resolve_checkpoint(where: str | os.PathLike, ckpt_dir: str | os.PathLike) ->
         if (sub / LATEST).is_file() or list_checkpoints(sub):
             return resolve_checkpoint(LATEST, sub)
     raise CheckpointError(f"{path}: not a checkpoint folder (no {STATE_FILE}) and no checkpoints under it")
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:  # makes renames durable; not every filesystem allows it
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_synced(path: Path, write: Callable[[Any], None]) -> None:
@@ -734,7 +722,7 @@ class TrainLoop:
                 "rng": rng, "config": self.run_config,
             }
             _write_synced(tmp / STATE_FILE, lambda f: torch.save(state, f))
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             if final.exists():  # re-saving a step (resumed from an older checkpoint): swap, then drop the old one
                 old = final.with_name(f".{final.name}.old-{secrets.token_hex(3)}")
                 os.rename(final, old)
@@ -742,11 +730,11 @@ class TrainLoop:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _fsync_dir(self.ckpt_dir)
+        fsync_dir(self.ckpt_dir)
         pointer_tmp = self.ckpt_dir / f".{LATEST}.tmp-{os.getpid()}"
         _write_synced(pointer_tmp, lambda f: f.write((final.name + "\n").encode()))
         os.replace(pointer_tmp, self.ckpt_dir / LATEST)  # `latest` moves only once the folder is complete
-        _fsync_dir(self.ckpt_dir)
+        fsync_dir(self.ckpt_dir)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         self._prune(keep=final)
