@@ -13,6 +13,7 @@ Per-object directory ``<data_root>/<name>/`` (published layout, spec §1.1, so e
 Per-dataset files, under the same ``<data_root>`` (one convention, fixing the three of spec §10.1)::
 
     latents/<name>/deformation_latent.pt              encode_latent.py output (spec §1.6, §7)
+    {deformation,static}_{mean,std}.pt                latent normalisation statistics (in a stats folder, default the root)
     <prefix>_cond_features/<name>.npz                 image tokens, key ``features`` (T, L, C) float16 (spec §1.7);
                                                       prefix "dinov2" for dinov2_vitl14_reg (published name), else
                                                       the extractor name.
@@ -142,6 +143,16 @@ def voxel_features_path(sample_root, timestep: int = 0, extractor: str = DEFAULT
 
 def latent_path(data_root, name: str) -> Path:
     return resolve_sample(Path(data_root) / "latents", name) / "deformation_latent.pt"
+
+
+LATENT_STATS = ("deformation_mean", "deformation_std", "static_mean", "static_std")
+
+
+def latent_stats_path(stats_dir, which: str) -> Path:
+    """One of the four normalisation files (spec §1.6): `which` in LATENT_STATS."""
+    if which not in LATENT_STATS:
+        raise ValueError(f"latent statistics are {LATENT_STATS}, got {which!r}")
+    return Path(stats_dir) / f"{which}.pt"
 
 
 def cond_features_dir(data_root, extractor: str = DEFAULT_EXTRACTOR) -> Path:

@@ -503,6 +503,8 @@ class TrainLoop:
         while True:
             if self._batches is None:
                 self._loader_gen.manual_seed(_mixed_seed(self.cfg.seed, self.epoch, self.rank))
+                if hasattr(self.loader.dataset, "set_epoch"):  # datasets drawing per-(epoch, index) randomness
+                    self.loader.dataset.set_epoch(self.epoch)
                 self._batches = iter(self.loader)
             try:
                 batch = next(self._batches)

@@ -1,0 +1,82 @@
+"""The diffusion training dataset (spec §1.6): per-object motion-latent posteriors, the canonical-Gaussian condition and
+the per-frame image tokens, normalised with the four statistics files.
+
+Per item: a fresh latent draw mean + std·ε over T frames chosen from the clip (sorted; all of them when T equals the clip
+length), x = (latent - deformation_mean) / deformation_std, static = (fps_4096 - static_mean) / static_std, token
+positions = the 512 anchors' xyz normalised by the static statistics' xyz part (spec §10.7: the same normalisation is
+used when sampling), and the matching frames' image tokens. With probability `uncond_p` all image tokens of the item
+are zeroed (classifier-free guidance dropout); the static condition is never dropped. Randomness comes from
+(seed, epoch, index), as in the VAE dataset.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from datasets import layout
+
+
+def load_latent_stats(stats_dir) -> dict[str, torch.Tensor]:
+    """The four normalisation tensors; a missing file is an error naming it (compute them with encode_latent.py)."""
+    out = {}
+    for which in layout.LATENT_STATS:
+        path = layout.latent_stats_path(stats_dir, which)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: latent statistics not found; encode_latent.py writes them")
+        out[which] = torch.load(path, map_location="cpu", weights_only=True).float()
+    return out
+
+
+class LatentDataset(Dataset):
+    def __init__(self, data_root, names: list[str], stats: dict[str, torch.Tensor], *, num_frames: int = 24,
+                 extractor: str = layout.DEFAULT_EXTRACTOR, uncond_p: float = 0.1, normalize_position_xyz: bool = True,
+                 train: bool = True, seed: int = 0):
+        if not names:
+            raise ValueError(f"LatentDataset: no samples under {data_root}")
+        self.data_root, self.names, self.stats = Path(data_root), list(names), stats
+        for name in self.names:
+            layout.resolve_sample(self.data_root, name)
+        self.num_frames, self.extractor, self.uncond_p = num_frames, extractor, uncond_p
+        self.normalize_position_xyz, self.train, self.seed = normalize_position_xyz, train, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> dict:
+        name = self.names[index]
+        path = layout.latent_path(self.data_root, name)
+        latent = torch.load(path, map_location="cpu", weights_only=True)
+        mean, std = latent["latent_mean"].float(), latent["latent_std"].float()
+        tokens = layout.read_cond_features(layout.cond_features_path(self.data_root, name, self.extractor))
+        clip = min(len(mean), len(tokens))
+        if clip < self.num_frames:
+            raise ValueError(f"{path}: {clip} frames of latents and image tokens, {self.num_frames} needed")
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        if self.train and self.num_frames < clip:
+            frames = np.sort(rng.choice(clip, self.num_frames, replace=False))
+        else:
+            frames = np.arange(self.num_frames)
+        frames = torch.from_numpy(frames)
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        x = mean[frames] + std[frames] * torch.randn(mean[frames].shape, generator=gen)
+        s = self.stats
+        xyz = latent["fps_sampled_gs_1024"][:, :3].float()  # the 512 anchors (published key name)
+        if self.normalize_position_xyz:
+            xyz = (xyz - s["static_mean"][..., :3]) / s["static_std"][..., :3]
+        cond_images = tokens[frames]
+        if self.train and rng.random() < self.uncond_p:
+            cond_images = torch.zeros_like(cond_images)
+        return {
+            "x": (x - s["deformation_mean"]) / s["deformation_std"],                       # (T, 512, 16)
+            "cond_images": cond_images,                                                    # (T, L, C)
+            "static_latent": (latent["fps_sampled_gs_4096"].float() - s["static_mean"]) / s["static_std"],  # (S, 14)
+            "deformation_position_xyz": xyz,                                               # (512, 3)
+            "frame_idx": frames,
+        }
