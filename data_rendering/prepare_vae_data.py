@@ -21,6 +21,7 @@ from data_rendering.mesh import MeshSequence
 from datasets import layout
 from utils.cameras import load_blender_camera
 from utils.feature_lifting import lift_features, voxelize_mesh
+from utils.fileio import atomic_write
 from utils.logging import report_failures
 
 NUM_POINTS = 8192
@@ -53,10 +54,7 @@ def correspondence_points(seq: MeshSequence, num_points: int = NUM_POINTS, seed:
 
 def write_points(sample_root: Path, static: torch.Tensor, deltas: torch.Tensor) -> None:
     for path, value in ((layout.static_vertices_path(sample_root), static), (layout.frame_deltas_path(sample_root), deltas)):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(value.contiguous(), tmp)
-        tmp.replace(path)
+        atomic_write(path, lambda tmp, value=value: torch.save(value.contiguous(), tmp), overwrite=True)
 
 
 def frame0_views(sample_root: Path, num_views: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -27,11 +27,12 @@ file is missing); npz files are read with ``allow_pickle=False``. Writers are at
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
+
+from utils.fileio import atomic_write
 
 DEFAULT_EXTRACTOR = "dinov2_vitl14_reg"
 VOXEL_RESOLUTION = 64
@@ -82,12 +83,8 @@ def read_list_file(path, data_root) -> list[str]:
 
 def write_list_file(path, names) -> Path:
     """One name per line, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{n}\n" for n in names))
-    os.replace(tmp, path)
-    return path
+    text = "".join(f"{n}\n" for n in names)
+    return atomic_write(path, lambda tmp: tmp.write_text(text), overwrite=True)
 
 
 def _index(value, what: str) -> int:
@@ -206,22 +203,12 @@ class SampleDir:
 
 # ----------------------------------------------------------------------------------------------- npz I/O
 def _atomic_savez(path, overwrite: bool, compressed: bool, **arrays) -> Path:
-    """Write an npz through a temp file in the target folder, fsync, then rename: a reader never sees half a file."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:  # a file object, so numpy does not append ".npz" to the temp name
+    """Write an npz atomically (utils/fileio.py): a reader never sees half a file."""
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz" to the temp name
             (np.savez_compressed if compressed else np.savez)(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_write(path, write, overwrite)
 
 
 def _load_npz(path, keys) -> dict:

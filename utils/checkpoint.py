@@ -17,7 +17,6 @@ import json
 import os
 import pickle
 import re
-import secrets
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -25,6 +24,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from utils.fileio import atomic_write
 
 __all__ = ["CheckpointError", "load_published", "save_published", "save_checkpoint", "load_checkpoint",
            "load_state_dict_strict", "check_state_dict", "mismatch_report", "summarize", "map_trellis_slat"]
@@ -322,42 +323,9 @@ def _to_json(value: Any, path: Path, what: str) -> str:
 
 
 def _atomic_write(path: Path, write: Callable[[str], None], overwrite: bool) -> Path:
-    """write(tmp) into a temp file beside `path`, fsync it, rename it over `path`: readers see the old or the new file."""
+    """utils.fileio.atomic_write with the checkpoint module's own errors."""
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path}: already exists; not overwritten (pass overwrite=True / --overwrite)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        # os.open with 0o666 honours the umask (mkstemp would leave the checkpoint readable by its owner only).
-        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-        mode = tmp.stat().st_mode
-        write(str(tmp))
-        os.chmod(tmp, mode)  # safetensors replaces the file with a private (0600) one of its own
-        fd = os.open(tmp, os.O_RDWR)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return path
-
-
-def fsync_dir(folder: Path) -> None:
-    """fsync a folder so a rename inside it is durable (shared by every atomic writer)."""
-    # Makes the rename itself durable; not possible on every platform/filesystem, so best effort.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    return atomic_write(path, lambda tmp: write(str(tmp)), overwrite=True)

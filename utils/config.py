@@ -15,11 +15,12 @@ import copy
 import difflib
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import yaml
+
+from utils.fileio import atomic_write
 
 __all__ = ["Config", "ConfigError", "load_config", "save_config", "apply_overrides", "merge", "parse_value"]
 
@@ -236,18 +237,5 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Confi
 
 def save_config(cfg: Mapping, path: str | os.PathLike) -> Path:
     """Write the config as plain YAML (key order kept), atomically: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(_unwrap(cfg), sort_keys=False, default_flow_style=False, allow_unicode=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=True)

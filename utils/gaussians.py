@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from utils.fileio import atomic_write
+
 SH_C0 = 0.28209479177387814
 OPACITY_BIAS = 0.1
 SCALE_BIAS = 0.004
@@ -192,10 +194,8 @@ def write_ply(g: Gaussians, path: str | os.PathLike, overwrite: bool = False) ->
     rec = np.empty(len(data), dtype=[(n, "<f4") for n in names])
     for i, n in enumerate(names):
         rec[n] = data[:, i]
-    tmp = path.with_name(path.name + ".tmp")
-    PlyData([PlyElement.describe(rec, "vertex")], byte_order="<").write(str(tmp))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: PlyData([PlyElement.describe(rec, "vertex")], byte_order="<").write(str(tmp)),
+                        overwrite=True)
 
 
 def read_ply(path: str | os.PathLike) -> Gaussians:

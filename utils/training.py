@@ -64,8 +64,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from utils.checkpoint import (CheckpointError, check_state_dict, fsync_dir, load_checkpoint, load_state_dict_strict,
-                              save_checkpoint)
+from utils.checkpoint import CheckpointError, check_state_dict, load_checkpoint, load_state_dict_strict, save_checkpoint
+from utils.fileio import fsync_dir
 
 __all__ = ["LoopConfig", "TrainLoop", "TrainResult", "ResumableSampler", "EMA", "NonFiniteLossError",
            "warmup_factor", "seed_everything", "resolve_checkpoint", "list_checkpoints"]

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from utils.fileio import atomic_write
+
 
 def to_uint8(frames: torch.Tensor | np.ndarray) -> np.ndarray:
     """(T, H, W, 3) float in [0, 1] (values outside are clipped) or uint8 -> uint8 numpy."""
@@ -29,16 +31,15 @@ def write_video(path: str | os.PathLike, frames: torch.Tensor | np.ndarray, fps:
     frames = to_uint8(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"{path}: expected frames of shape (T, H, W, 3), got {frames.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    if path.suffix.lower() == ".gif":
-        imageio.mimsave(tmp, list(frames), duration=1000.0 / fps, loop=0)
-    else:
+
+    def write(tmp):
+        if path.suffix.lower() == ".gif":
+            imageio.mimsave(tmp, list(frames), duration=1000.0 / fps, loop=0)
+            return
         # yuv420p needs even sizes; macroblock_size=1 keeps the frame size exactly as given when it is even.
         h, w = frames.shape[1:3]
-        frames = frames[:, : h - h % 2, : w - w % 2]
         with imageio.get_writer(tmp, fps=fps, codec="libx264", pixelformat="yuv420p", quality=8, macro_block_size=1) as writer:
-            for f in frames:
+            for f in frames[:, : h - h % 2, : w - w % 2]:
                 writer.append_data(f)
-    os.replace(tmp, path)
-    return path
+
+    return atomic_write(path, write, overwrite=True)
