@@ -19,6 +19,7 @@ from datasets import layout
 from datasets.latent_dataset import LatentDataset, load_latent_stats
 from models.diffusion import GaussianDiffusion
 from models.dit import DiT
+from utils.checkpoint import load_weights
 from utils.config import load_config
 from utils.training import LoopConfig, TrainLoop
 
@@ -36,11 +37,8 @@ def parse_args(argv=None):
 
 
 def build_dataset(cfg, data_root: Path, list_file: Path | None) -> LatentDataset:
-    if list_file:
-        names = layout.read_list_file(list_file, data_root)
-    else:
-        names = sorted(p.parent.name for p in (data_root / "latents").glob("*/deformation_latent.pt"))
-    names = names[cfg.data.start_idx:cfg.data.end_idx]
+    encoded = lambda root: sorted(p.parent.name for p in (Path(root) / "latents").glob("*/deformation_latent.pt"))
+    names = layout.select_samples(data_root, list_file, cfg.data.start_idx, cfg.data.end_idx, default=encoded)
     stats = load_latent_stats(cfg.data.stats_dir or data_root)
     return LatentDataset(data_root, names, stats, num_frames=cfg.train.sample_timesteps, extractor=cfg.data.image_encoder,
                          uncond_p=cfg.train.uncond_p, normalize_position_xyz=cfg.data.normalize_position_xyz,
@@ -54,9 +52,7 @@ def main(argv=None) -> int:
     dataset = build_dataset(cfg, data_root, args.list or (cfg.data.list_file and Path(cfg.data.list_file)))
     model = DiT(**cfg.model)
     if args.init:
-        from utils.checkpoint import load_checkpoint, load_published, load_state_dict_strict
-        sd = load_checkpoint(args.init)[0] if args.init.suffix == ".safetensors" else load_published(args.init)
-        load_state_dict_strict(model, sd, source=str(args.init))
+        load_weights(model, args.init)
     diffusion = GaussianDiffusion.from_config(cfg.diffusion)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 

@@ -30,6 +30,39 @@ def load_latent_stats(stats_dir) -> dict[str, torch.Tensor]:
     return out
 
 
+def compute_latent_stats(data_root, names: list[str]) -> dict[str, torch.Tensor]:
+    """The four normalisation tensors from encoded latents (spec §7: not downloadable, so computed here).
+
+    deformation_{mean,std} (C,): per channel, over all objects, frames and tokens, of the latents the DiT trains on,
+    which are draws mean + std·ε; their moments are exact from the stored posteriors (E[x] = E[μ],
+    E[x²] = E[μ² + σ²]), no sampling needed. static_{mean,std} (14,): per channel of fps_sampled_gs_4096.
+    Accumulated in float64.
+    """
+    if not names:
+        raise ValueError(f"compute_latent_stats: no latents to compute statistics from under {data_root}")
+    acc = {"deformation": [0, 0.0, 0.0], "static": [0, 0.0, 0.0]}  # count, sum, sum of squares
+
+    def add(key, x, x2):
+        a = acc[key]
+        a[0] += x.shape[0]
+        a[1] = a[1] + x.sum(0)
+        a[2] = a[2] + x2.sum(0)
+
+    for name in names:
+        path = layout.latent_path(data_root, name)
+        latent = torch.load(path, map_location="cpu", weights_only=True)
+        mu, sd = latent["latent_mean"].double(), latent["latent_std"].double()
+        add("deformation", mu.reshape(-1, mu.shape[-1]), (mu * mu + sd * sd).reshape(-1, mu.shape[-1]))
+        gs = latent["fps_sampled_gs_4096"].double()
+        add("static", gs, gs * gs)
+    out = {}
+    for key, (n, total, squares) in acc.items():
+        mean = total / n
+        var = (squares / n - mean * mean).clamp_min(0)
+        out[f"{key}_mean"], out[f"{key}_std"] = mean.float(), var.sqrt().clamp_min(1e-6).float()
+    return out
+
+
 class LatentDataset(Dataset):
     def __init__(self, data_root, names: list[str], stats: dict[str, torch.Tensor], *, num_frames: int = 24,
                  extractor: str = layout.DEFAULT_EXTRACTOR, uncond_p: float = 0.1, normalize_position_xyz: bool = True,

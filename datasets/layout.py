@@ -81,6 +81,25 @@ def read_list_file(path, data_root) -> list[str]:
     return names
 
 
+def list_samples(data_root) -> list[str]:
+    """Every prepared sample directory directly under ``data_root`` (it holds the surface points), sorted."""
+    root = Path(data_root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: data root not found")
+    return sorted(p.name for p in root.iterdir() if static_vertices_path(p).is_file())
+
+
+def select_samples(data_root, list_file=None, start: int = 0, end: int | None = None, default=list_samples) -> list[str]:
+    """The names a job works on: the list file's entries (or ``default(data_root)``), sliced [start:end] as the
+    published --start_idx/--end_idx. An empty selection is an error naming where it looked."""
+    names = read_list_file(list_file, data_root) if list_file else default(data_root)
+    picked = names[start:end]
+    if not picked:
+        where = f"list file {list_file}" if list_file else f"{data_root}"
+        raise ValueError(f"no samples selected from {where} ({len(names)} found, slice [{start}:{end}])")
+    return picked
+
+
 def write_list_file(path, names) -> Path:
     """One name per line, atomically."""
     text = "".join(f"{n}\n" for n in names)

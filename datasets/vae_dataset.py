@@ -57,7 +57,7 @@ class VAEDataset(Dataset):
                  sample_timesteps: int = 1, load_camera: int = 1, num_views: int = 50, train: bool = True,
                  extractor: str = layout.DEFAULT_EXTRACTOR, voxel_resolution: int = layout.VOXEL_RESOLUTION,
                  image_size: int | None = None, background: float = 1.0, blur_alpha: bool = True, seed: int = 0,
-                 max_skips: int = 10):
+                 max_skips: int = 10, images: bool = True):
         if not names:
             raise ValueError(f"VAEDataset: no samples under {data_root}")
         if layout.VOXEL_RESOLUTION % voxel_resolution:
@@ -69,6 +69,7 @@ class VAEDataset(Dataset):
         self.load_camera, self.num_views, self.train = load_camera, num_views, train
         self.extractor, self.voxel_resolution, self.image_size = extractor, voxel_resolution, image_size
         self.background, self.blur_alpha, self.seed, self.max_skips = background, blur_alpha, seed, max_skips
+        self.images = images  # False: geometry and voxels only (encode_latent.py needs no renders)
         self.epoch = 0
 
     @classmethod
@@ -123,6 +124,15 @@ class VAEDataset(Dataset):
 
         coords, feats = layout.read_voxel_features(layout.voxel_features_path(root, 0, self.extractor))
         coords, feats = pool_voxels(coords, feats, layout.VOXEL_RESOLUTION // self.voxel_resolution)
+        item = {
+            "name": name,
+            "static_pc": static_pc,                                   # (N, 3)
+            "deltas": deltas_out,                                     # (T', N, 3)
+            "frame_idx": torch.from_numpy(frames).long(),             # (T',)
+            "voxel_coords": coords, "voxel_feats": feats,             # (M, 3) int32, (M, C)
+        }
+        if not self.images:
+            return item
 
         available = sum(1 for _ in (root / "imgs").glob("timestep_00_view_*.png"))
         views = min(self.num_views, available)
@@ -134,29 +144,27 @@ class VAEDataset(Dataset):
         else:  # views 0..load_camera-1 of every frame
             picks = [(k, v) for k in range(len(frames)) for v in range(min(self.load_camera, views))]
         deform = [self._view(root, int(frames[k]), v) for k, v in picks]
-        return {
-            "name": name,
-            "static_pc": static_pc,                                   # (N, 3)
-            "deltas": deltas_out,                                     # (T', N, 3)
-            "frame_idx": torch.from_numpy(frames).long(),             # (T',)
-            "voxel_coords": coords, "voxel_feats": feats,             # (M, 3) int32, (M, C)
+        item.update({
             "canonical": canonical,                                   # image (3,H,W), alpha (1,H,W), extrinsics, intrinsics
             "views": {k: torch.stack([d[k] for d in deform]) for k in deform[0]},   # (L, ...)
             "view_frame": torch.tensor([k for k, _ in picks]),       # (L,) position of each view's frame in frame_idx
-        }
+        })
+        return item
 
 
 def collate_vae(items: list[dict]) -> dict:
     """Stack a batch; the voxels become one SparseVoxels with batch indices."""
     stack = lambda key: torch.stack([it[key] for it in items])
-    return {
+    batch = {
         "names": [it["name"] for it in items],
         "static_pc": stack("static_pc"),
         "deltas": stack("deltas"),
         "frame_idx": stack("frame_idx"),
         "voxels": SparseVoxels.from_list([it["voxel_coords"] for it in items], [it["voxel_feats"] for it in items]),
-        "canonical": {k: torch.stack([it["canonical"][k] for it in items]) for k in items[0]["canonical"]},
-        "views": {k: torch.stack([it["views"][k] for it in items]) for k in items[0]["views"]},
-        "view_frame": stack("view_frame"),
         "skipped": sum(it["skipped"] for it in items),
     }
+    if "views" in items[0]:
+        batch["canonical"] = {k: torch.stack([it["canonical"][k] for it in items]) for k in items[0]["canonical"]}
+        batch["views"] = {k: torch.stack([it["views"][k] for it in items]) for k in items[0]["views"]}
+        batch["view_frame"] = stack("view_frame")
+    return batch

@@ -20,6 +20,11 @@ class SparseVoxels:
         """Same voxels, new features."""
         return SparseVoxels(self.coords, feats)
 
+    def to(self, *args, **kwargs) -> "SparseVoxels":
+        """Move (accelerate's send_to_device calls this); coordinates stay int32."""
+        feats = self.feats.to(*args, **kwargs)
+        return SparseVoxels(self.coords.to(feats.device), feats)
+
     @property
     def batch_size(self) -> int:
         return int(self.coords[:, 0].max()) + 1 if len(self.coords) else 0

@@ -98,6 +98,13 @@ class StaticVAE(nn.Module):
         self.register_buffer("MipGS_perturbation", hammersley_perturbation(rep["num_gaussians"], rep["voxel_size"]))
         self.set_mem_ratio(mem_ratio if not use_checkpoint else 0.0)
 
+    @classmethod
+    def from_config(cls, cfg) -> "StaticVAE":
+        """From the `static_vae` block of configs/vae.yml (published `backbones.vae.args` + `framework.args`)."""
+        fw = cfg["framework"]["args"]
+        return cls(**cfg["backbones"]["vae"]["args"], representation=fw["representation_config"]["MipGS"],
+                   mem_ratio=fw.get("mem_ratio", 1.0))
+
     @staticmethod
     def _check_representation(rep: dict, out_channels: int) -> None:
         fixed = ("perturb_offset", "reg_mode", "scaling_activation", "scaling_bias", "opacity_bias", "3d_filter_kernel_size")

@@ -28,7 +28,8 @@ from torch import nn
 from utils.fileio import atomic_write
 
 __all__ = ["CheckpointError", "load_published", "save_published", "save_checkpoint", "load_checkpoint",
-           "load_state_dict_strict", "check_state_dict", "mismatch_report", "summarize", "map_trellis_slat"]
+           "load_state_dict_strict", "check_state_dict", "mismatch_report", "summarize", "map_trellis_slat",
+           "read_weights", "load_weights"]
 
 FORMAT = "gvfdiffusion-checkpoint"
 FORMAT_VERSION = "1"
@@ -267,6 +268,34 @@ def map_trellis_slat(state_dict: Mapping[str, torch.Tensor], part: str) -> dict[
             raise CheckpointError(f"TRELLIS SLat {part}: unexpected key {key!r} (expected input_layer, blocks.N, out_layer"
                                   + (", offset_perturbation)" if part == "decoder" else ")"))
     return out
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from either format: our safetensors checkpoint (any model_*/ema_* file of a training run) or a
+    published `.pt` (weights only, `module.` stripped)."""
+    path = Path(path)
+    if path.is_file() and _looks_like_safetensors(path):
+        return load_checkpoint(path)[0]
+    return load_published(path)
+
+
+def load_weights(module: nn.Module, path: str | os.PathLike, drop_mismatched: Sequence[str] = ()) -> list[str]:
+    """Load weights of either format strictly into `module`; returns the keys that were left at their initial values.
+
+    `drop_mismatched` names keys that may be skipped when their shape differs from the module's (all of them together:
+    if any one differs, every listed key is dropped). This is the static-VAE initialisation of spec §3.5: a TRELLIS
+    SLat decoder has a 448-channel (32 Gaussians) out_layer and its own perturbation, which our 8-Gaussian model
+    replaces by a fresh zero-initialised 112-channel out_layer and its own Hammersley offsets.
+    """
+    sd = read_weights(path)
+    own = module.state_dict()
+    dropped: list[str] = []
+    if drop_mismatched and any(k in sd and k in own and sd[k].shape != own[k].shape for k in drop_mismatched):
+        dropped = [k for k in drop_mismatched if k in own]
+        sd = {k: v for k, v in sd.items() if k not in drop_mismatched}
+        sd.update({k: own[k] for k in dropped})
+    load_state_dict_strict(module, sd, source=str(path))
+    return dropped
 
 
 # ---------------------------------------------------------------------------------------------- helpers

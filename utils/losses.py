@@ -346,7 +346,20 @@ class LPIPS(nn.Module):
 
 def _hub_download(repo_id: str, filename: str) -> str:
     """Local path of a hub file (huggingface_hub's cache first); separate so tests can replace it."""
-    from huggingface_hub import hf_hub_download
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, hf_hub_download
+    try:
+        return hf_hub_download(repo_id=repo_id, filename=filename, local_files_only=True)
+    except Exception:
+        pass
+    # One quick connection attempt first: offline, huggingface_hub retries for about 20 s before giving up.
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+    except OSError as e:
+        raise OSError(f"{url.hostname} unreachable ({e})") from None
     return hf_hub_download(repo_id=repo_id, filename=filename)
 
 

@@ -385,13 +385,15 @@ class TrainLoop:
                  dataset, step_fn: Callable, out_dir: str | os.PathLike, cfg: LoopConfig,
                  run_config: Mapping | None = None, model_configs: Mapping[str, Mapping] | None = None,
                  collate_fn: Callable | None = None, resume: str | os.PathLike | None = None,
-                 cpu: bool | None = None, find_unused_parameters: bool = False):
+                 cpu: bool | None = None, find_unused_parameters: bool = False,
+                 warmup_start: Mapping[str, int] | None = None):
         if not models or not optimizers:
             raise ValueError("TrainLoop: needs at least one model and one optimiser")
         for name in [*models, *optimizers]:  # names become file names and TensorBoard tags
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
                 raise ValueError(f"TrainLoop: name {name!r} must be letters, digits, '_', '.', '-'")
         self.cfg, self.step_fn = cfg, step_fn
+        self.warmup_start = dict(warmup_start or {})  # {optimiser: step its warm-up starts at} for phased training
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / CHECKPOINTS
         self.run_config = _plain(run_config or {})
@@ -497,6 +499,7 @@ class TrainLoop:
 
     def lr_factor(self, name: str, step: int) -> float:
         """LR multiplier of optimiser `name` at optimiser step `step`; override for another schedule."""
+        step = max(step - self.warmup_start.get(name, 0), 0)
         return warmup_factor(step, int(_per_name(self.cfg.warmup_steps, name) or 0))
 
     def _next_batch(self):

@@ -1,7 +1,9 @@
-"""Writing frame sequences as videos (mp4 through imageio-ffmpeg, gif through Pillow), atomically."""
+"""Reading frame sequences (videos through imageio-ffmpeg, gifs and frame folders through Pillow) and writing them as
+videos (mp4 through imageio-ffmpeg, gif through Pillow), atomically."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -43,3 +45,130 @@ def write_video(path: str | os.PathLike, frames: torch.Tensor | np.ndarray, fps:
                 writer.append_data(f)
 
     return atomic_write(path, write, overwrite=True)
+
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+class VideoReadError(ValueError):
+    """A video, gif or frame file that cannot be read; the message names the file and what went wrong."""
+
+
+def _frame_files(folder: Path) -> list[Path]:
+    """Image files of a folder in natural order (frame_2 before frame_10), hidden files left out."""
+    files = [f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".") and f.is_file()]
+    return sorted(files, key=lambda f: [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", f.name)])
+
+
+def is_video_input(path: str | os.PathLike) -> bool:
+    """True for an existing video/gif file of a known suffix, or a folder holding at least one frame image."""
+    path = Path(path)
+    if path.is_dir():
+        return bool(_frame_files(path))
+    return path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES + (".gif",)
+
+
+def _pil_frame(img, where) -> np.ndarray:
+    """A decoded Pillow image -> uint8 (H, W, 3), or (H, W, 4) when it has transparency."""
+    try:
+        has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in img.info
+        return np.asarray(img.convert("RGBA" if has_alpha else "RGB"))
+    except Exception as exc:  # truncated or corrupt data surfaces at decode time
+        raise VideoReadError(f"{where}: cannot decode image ({type(exc).__name__}: {exc})") from None
+
+
+def _stack(frames: list[np.ndarray], where) -> np.ndarray:
+    """Stack frames of one size; when some have alpha, the others get an opaque one."""
+    if len({f.shape[:2] for f in frames}) > 1:
+        raise VideoReadError(f"{where}: frames differ in size ({sorted({f.shape[1::-1] for f in frames})} as W x H)")
+    if any(f.shape[-1] == 4 for f in frames):
+        frames = [f if f.shape[-1] == 4 else np.concatenate([f, np.full_like(f[..., :1], 255)], -1) for f in frames]
+    return np.stack(frames)
+
+
+def _ffmpeg_reason(exc: Exception) -> str:
+    """imageio-ffmpeg errors carry ffmpeg's whole banner; keep the first line and ffmpeg's last words."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[0] if len(lines) == 1 else f"{lines[0]}: {lines[-1]}"
+
+
+def read_frames(path: str | os.PathLike, start: int = 0, stride: int = 1,
+                num_frames: int | None = None) -> tuple[np.ndarray, float | None]:
+    """Frames start, start + stride, ... (num_frames of them, or to the end) of a video, gif or frame folder.
+
+    Returns uint8 frames (T, H, W, C), C = 4 where the source has transparency (gif, RGBA images), else 3, and the frame
+    rate of the returned sequence (the source rate / stride; None for a frame folder or when the file does not say).
+    Videos: .mp4 .mov .mkv .webm .avi (imageio-ffmpeg, decoded as RGB). Folders: .png .jpg .jpeg .webp, natural order.
+    A sequence shorter than asked raises ValueError; an unreadable file raises VideoReadError (a ValueError).
+    """
+    from PIL import Image, ImageSequence
+
+    path = Path(path)
+    if start < 0 or stride < 1 or (num_frames is not None and num_frames < 1):
+        raise ValueError(f"{path}: need start >= 0, stride >= 1, num_frames >= 1; got {start}, {stride}, {num_frames}")
+    if not path.exists():
+        raise VideoReadError(f"{path}: no such file or folder")
+    wanted = (lambda i: i >= start and (i - start) % stride == 0
+              and (num_frames is None or (i - start) // stride < num_frames))
+    last = None if num_frames is None else start + (num_frames - 1) * stride  # decoding stops after this frame
+    suffix = path.suffix.lower()
+    fps, frames, total = None, [], 0
+
+    if path.is_dir():
+        files = _frame_files(path)
+        total = len(files)
+        for i, f in enumerate(files):
+            if wanted(i):
+                try:
+                    with Image.open(f) as img:
+                        img.load()
+                        frames.append(_pil_frame(img, f))
+                except VideoReadError:
+                    raise
+                except Exception as exc:
+                    raise VideoReadError(f"{f}: cannot read frame image ({type(exc).__name__}: {exc})") from None
+    elif suffix == ".gif":
+        try:
+            with Image.open(path) as img:
+                durations = []
+                for i, frame in enumerate(ImageSequence.Iterator(img)):
+                    total = i + 1
+                    durations.append(frame.info.get("duration", 0))
+                    if wanted(i):
+                        frames.append(_pil_frame(frame, path))  # Pillow composes each frame with its disposal rules
+                    if i == last:
+                        break
+        except VideoReadError:
+            raise
+        except Exception as exc:
+            raise VideoReadError(f"{path}: cannot read gif ({type(exc).__name__}: {exc})") from None
+        ms = float(np.median(durations)) if durations else 0.0
+        fps = 1000.0 / ms if ms > 0 else None
+        # Pillow's per-frame mode can change (P -> RGBA); keep alpha only where it says something.
+        if frames and all(f.shape[-1] == 3 or (f[..., 3] == 255).all() for f in frames):
+            frames = [f[..., :3] for f in frames]
+    elif suffix in VIDEO_SUFFIXES:
+        import imageio.v2 as imageio
+        try:
+            with imageio.get_reader(path, format="FFMPEG") as reader:
+                fps = reader.get_meta_data().get("fps")
+                for i, frame in enumerate(reader):
+                    total = i + 1
+                    if wanted(i):
+                        frames.append(np.asarray(frame)[..., :3])
+                    if i == last:
+                        break
+        except Exception as exc:
+            raise VideoReadError(f"{path}: cannot decode video ({_ffmpeg_reason(exc)})") from None
+    else:
+        raise VideoReadError(f"{path}: not a video ({', '.join(VIDEO_SUFFIXES)}, .gif) or a folder of frame images")
+
+    if not frames or (num_frames is not None and len(frames) < num_frames):
+        asked = "at least one frame" if num_frames is None else f"{num_frames} frames"
+        raise ValueError(f"{path}: has {total} frames; asked for {asked} from frame {start} with stride {stride}"
+                         + ("" if num_frames is None else f" (needs {last + 1})"))
+    fps = float(fps) / stride if fps and np.isfinite(fps) and fps > 0 else None
+    return _stack(frames, path), fps
