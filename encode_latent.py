@@ -63,7 +63,7 @@ def parse_args(argv=None):
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="autocast dtype on a GPU")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("overrides", nargs="*", help="VAE config overrides, e.g. data.end_idx=100")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 
 def vae_weights(args) -> tuple[Path, Path]:

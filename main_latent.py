@@ -33,7 +33,7 @@ def parse_args(argv=None):
     ap.add_argument("--resume", help='"latest" or a checkpoint folder')
     ap.add_argument("--init", type=Path, help="start from these DiT weights (ours or a published .pt)")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. train.lr=1e-4")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 
 def build_dataset(cfg, data_root: Path, list_file: Path | None) -> LatentDataset:
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
         return loss, {"mse": loss.detach()}
 
     loop = TrainLoop(models={"dit": model}, optimizers={"dit": optimizer}, dataset=dataset, step_fn=step_fn,
-                     out_dir=args.out, cfg=LoopConfig.from_mapping(cfg.train), run_config=cfg.to_dict(),
+                     out_dir=args.out, cfg=LoopConfig.from_mapping(cfg.train, num_workers=cfg.data.num_workers), run_config=cfg.to_dict(),
                      model_configs={"dit": cfg.model.to_dict()}, resume=args.resume)
     result = loop.run()
     loop.close()

@@ -48,7 +48,7 @@ def parse_args(argv=None):
     ap.add_argument("--motion-init", type=Path, help="motion-VAE weights to start from (ours or a published .pt)")
     ap.add_argument("--sample_timesteps", "--sample-timesteps", type=int, help="frames per sample (train.sample_timesteps)")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. train.lr=1e-4")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 
 def build_dataset(cfg, data_root: Path, list_file: Path | None) -> VAEDataset:
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     }
     loop = TrainLoop(models={"static_vae": static_vae, "motion_vae": motion_vae}, optimizers=optimizers,
                      dataset=dataset, collate_fn=collate_vae, step_fn=VAEObjective(cfg), out_dir=args.out,
-                     cfg=LoopConfig.from_mapping(t), run_config=cfg.to_dict(),
+                     cfg=LoopConfig.from_mapping(t, num_workers=cfg.data.num_workers), run_config=cfg.to_dict(),
                      model_configs={"static_vae": cfg.static_vae.to_dict(), "motion_vae": cfg.model.to_dict()},
                      resume=args.resume, warmup_start={"motion_vae": t.static_vae_steps})
     result = loop.run()

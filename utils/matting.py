@@ -239,7 +239,8 @@ def prepare_video_frames(path: str | os.PathLike, num_frames: int, start: int = 
     path = Path(path)
     bg = background_value(background)
     if not is_video_input(path):
-        found = "nothing" if not path.exists() else ("a folder without frame images" if path.is_dir() else f"a {path.suffix or 'suffix-less'} file")
+        found = ("nothing" if not path.exists() else "a folder without frame images" if path.is_dir()
+                 else f"a {path.suffix or 'suffix-less'} file")
         raise ValueError(f"{path}: expected a video ({', '.join(VIDEO_SUFFIXES)}, .gif) or a folder of .png/.jpg/.webp "
                          f"frames; found {found}")
     frames, fps = read_frames(path, start=start, stride=stride, num_frames=num_frames)

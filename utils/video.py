@@ -72,6 +72,8 @@ def is_video_input(path: str | os.PathLike) -> bool:
 def _pil_frame(img, where) -> np.ndarray:
     """A decoded Pillow image -> uint8 (H, W, 3), or (H, W, 4) when it has transparency."""
     try:
+        if img.mode.startswith("I"):  # 16-bit grey: Pillow's convert would clip it at 255 rather than scale it
+            return np.repeat((np.asarray(img).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)[..., None], 3, -1)
         has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in img.info
         return np.asarray(img.convert("RGBA" if has_alpha else "RGB"))
     except Exception as exc:  # truncated or corrupt data surfaces at decode time
