@@ -21,7 +21,7 @@ from models.diffusion import GaussianDiffusion
 from models.dit import DiT
 from utils.checkpoint import load_weights
 from utils.config import load_config
-from utils.training import LoopConfig, TrainLoop
+from utils.training import LoopConfig, TrainLoop, seed_everything
 
 
 def parse_args(argv=None):
@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.overrides)
     data_root = args.data_root or Path(cfg.data.root)
     dataset = build_dataset(cfg, data_root, args.list or (cfg.data.list_file and Path(cfg.data.list_file)))
+    seed_everything(cfg.train.seed)  # the initial weights are part of the run: same seed, same run
     model = DiT(**cfg.model)
     if args.init:
         load_weights(model, args.init)

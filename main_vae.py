@@ -30,7 +30,7 @@ from utils.config import load_config
 from utils.gaussians import Gaussians
 from utils.losses import load_lpips, mesh_guided_xyz_loss, render_loss
 from utils.render import rasterize
-from utils.training import LoopConfig, TrainLoop
+from utils.training import LoopConfig, TrainLoop, seed_everything
 
 # Keys of a TRELLIS SLat decoder that do not fit an 8-Gaussian model (spec §3.5); dropped together when they differ.
 OUT_LAYER_SWAP = ("out_layer.weight", "out_layer.bias", "MipGS_perturbation")
@@ -160,6 +160,7 @@ def main(argv=None) -> int:
     data_root = args.data_root or Path(cfg.data.root)
     dataset = build_dataset(cfg, data_root, args.list or (cfg.data.list_file and Path(cfg.data.list_file)))
 
+    seed_everything(cfg.train.seed)  # the initial weights are part of the run: same seed, same run
     static_vae = build_static_vae(cfg, args.static_init)
     motion_vae = MotionVAE(**cfg.model)
     if args.motion_init:
