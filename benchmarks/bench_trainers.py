@@ -1,0 +1,165 @@
+"""The real trainers (main_vae.py, main_latent.py: data loading, loop, optimisers, EMA) at paper scale with random
+data of the paper's shapes: optimiser steps per second (median step time after warm-up) and peak GPU memory.
+
+    python benchmarks/bench_trainers.py --steps 200                # paper scale (GPU), bf16
+    python benchmarks/bench_trainers.py --tiny --steps 10          # CPU check with the tiny configs
+
+Data (written once under --data): per object 8192 surface points over 24 frames, a voxel shell of about 15k voxels at
+64³ with 1024-channel features, 512² RGBA renders (4 views per frame: the loader reads one canonical and one
+deformation view per sample), and for the DiT the (24, 512, 16) latents, the 4096-Gaussian condition and
+(24, 1370, 1024) image tokens. Batches as the paper: 2 per process, grad_accum 2 (spec §4).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT)]
+import main_latent  # noqa: E402
+import main_vae  # noqa: E402
+from datasets import layout  # noqa: E402
+from utils.cameras import BLENDER_DEFAULT_FOV, blender_camera_json, orbit_cameras  # noqa: E402
+from utils.config import load_config  # noqa: E402
+from utils.training import TrainLoop  # noqa: E402
+
+
+def make_data(root: Path, objects: int, frames: int, views: int, res: int, points: int, voxel_channels: int,
+              latent_shape: tuple, static_cond: int, tokens: tuple) -> None:
+    g = np.random.default_rng(0)
+    ext, _ = orbit_cameras(torch.arange(views) * (360.0 / views))
+    yy, xx = np.mgrid[:res, :res] / res - 0.5
+    disc = ((xx ** 2 + yy ** 2) < 0.09).astype(np.uint8) * 255
+    r = np.arange(64) - 31.5
+    shell = np.stack(np.meshgrid(r, r, r, indexing="ij"), -1)
+    dist = np.linalg.norm(shell, axis=-1)
+    for i in range(objects):
+        d = root / f"obj_{i:03d}"
+        static = g.uniform(-0.4, 0.4, (points, 3)).astype(np.float32)
+        deltas = (g.standard_normal((frames, points, 3)) * 0.01).astype(np.float32)
+        for path, value in ((layout.static_vertices_path(d), static), (layout.frame_deltas_path(d), deltas)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(torch.from_numpy(value), path)
+        idx = np.argwhere((dist > 20) & (dist < 21.7)).astype(np.uint8)  # about 15k voxels
+        layout.write_voxel_features(layout.voxel_features_path(d, 0, "patch"), idx,
+                                    g.standard_normal((len(idx), voxel_channels)).astype(np.float16))
+        for t in range(frames):
+            for v in range(views):
+                rgba = np.dstack([np.full((res, res), 40 * v + t, np.uint8)] * 3 + [disc])
+                p = layout.image_path(d, t, v)
+                p.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rgba, "RGBA").save(p, compress_level=1)
+                c = layout.camera_path(d, t, v)
+                c.parent.mkdir(parents=True, exist_ok=True)
+                c.write_text(json.dumps(blender_camera_json(ext[v], BLENDER_DEFAULT_FOV, res, res)))
+        lat = layout.latent_path(root, d.name)
+        lat.parent.mkdir(parents=True, exist_ok=True)
+        t_, n_, c_ = latent_shape
+        torch.save({"latent_mean": torch.randn(t_, n_, c_), "latent_std": torch.rand(t_, n_, c_) * 0.1,
+                    "fps_sampled_gs_1024": torch.randn(n_, 14), "fps_sampled_gs_4096": torch.randn(static_cond, 14)}, lat)
+        layout.write_cond_features(layout.cond_features_path(root, d.name, "patch"),
+                                   g.standard_normal((t_, *tokens)).astype(np.float16))
+    for which in layout.LATENT_STATS:
+        shape = (latent_shape[-1],) if which.startswith("deformation") else (14,)
+        torch.save(torch.zeros(shape) if which.endswith("mean") else torch.ones(shape), layout.latent_stats_path(root, which))
+
+
+class StepTimer:
+    """Wall time of each optimiser step (device-synchronised) and peak memory, around TrainLoop._train_step."""
+
+    def __init__(self):
+        self.times, self.original = [], TrainLoop._train_step
+
+    def __enter__(self):
+        timer = self
+
+        def timed(loop):
+            cuda = loop.device.type == "cuda"
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = timer.original(loop)
+            if cuda:
+                torch.cuda.synchronize()
+            timer.times.append(time.perf_counter() - t0)
+            return out
+
+        TrainLoop._train_step = timed
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc):
+        TrainLoop._train_step = self.original
+
+    def report(self, name: str, samples_per_step: int, warmup: int) -> str:
+        times = self.times[warmup:] or self.times
+        med = statistics.median(times)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+        return (f"| {name} | {len(self.times)} ({warmup} warm-up) | {1 / med:.2f} | {samples_per_step / med:.1f} | "
+                f"{med * 1e3:.0f} | {peak:.1f} |")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=200, help="optimiser steps per case")
+    ap.add_argument("--warmup", type=int, default=10, help="steps left out of the median")
+    ap.add_argument("--objects", type=int, default=8)
+    ap.add_argument("--data", type=Path, help="data folder (default: a temporary one)")
+    ap.add_argument("--tiny", action="store_true", help="the tiny configs (a CPU check of the benchmark itself)")
+    ap.add_argument("--precision", default="bf16" if torch.cuda.is_available() else "no")
+    ap.add_argument("--cases", nargs="+", default=["vae_static", "vae_joint", "dit"])
+    args = ap.parse_args(argv)
+
+    vae_cfg = ROOT / ("configs/tiny/vae.yml" if args.tiny else "configs/vae.yml")
+    dit_cfg = ROOT / ("configs/tiny/diffusion.yml" if args.tiny else "configs/diffusion.yml")
+    vc, dc = load_config(vae_cfg), load_config(dit_cfg)
+    tmp = tempfile.TemporaryDirectory()
+    data = args.data or Path(tmp.name) / "data"
+    if not data.exists():
+        t0 = time.perf_counter()
+        make_data(data, args.objects, vc.data.num_timesteps, 4, vc.data.image_resolution, 8192,
+                  vc.static_vae.backbones.vae.args.in_channels, (dc.data.num_timesteps, dc.model.resolution,
+                  dc.model.in_channels), dc.data.num_static_cond, (1370 if not args.tiny else 50,
+                  dc.model.image_cond_channels))
+        print(f"data: {args.objects} objects in {time.perf_counter() - t0:.0f} s under {data}")
+
+    common = [f"train.max_steps={args.steps}", f"train.log_interval={max(args.steps // 4, 1)}",
+              "train.save_interval=1000000", "data.image_encoder=patch", "data.end_idx=null",
+              "+train.tensorboard=false", "+train.progress=false"]
+    if args.precision != "no":  # (a bare `no` would be read as YAML false)
+        common.append(f"train.mixed_precision={args.precision}")
+    vae_base = ["--config", str(vae_cfg), "--data-root", str(data), *common, "data.num_views=4", "train.image_interval=1000000"]
+    cases = {
+        "vae_static": ("main_vae.py phase 1 (static VAE)", main_vae.main, [*vae_base, "train.static_vae_steps=1000000"], vc),
+        "vae_joint": ("main_vae.py phase 2 (static + motion VAE)", main_vae.main, [*vae_base, "train.static_vae_steps=0"], vc),
+        "dit": (f"main_latent.py (DiT, T={dc.train.sample_timesteps})", main_latent.main, ["--config", str(dit_cfg), "--data-root", str(data), *common], dc),
+    }
+    rows = []
+    for key in args.cases:
+        name, fn, argv_, cfg = cases[key]
+        with StepTimer() as timer:
+            fn([*argv_, "--out", str(Path(tmp.name) / key)])
+        rows.append(timer.report(name, cfg.train.batch_size * cfg.train.grad_accum, args.warmup))
+        print(rows[-1], flush=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"\n{device}, precision {args.precision}, batch {vc.train.batch_size} x grad_accum {vc.train.grad_accum} per step")
+    print("| Trainer | Steps | Optimiser steps/s | Samples/s | Median step (ms) | Peak memory (GiB) |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
