@@ -96,7 +96,7 @@ class Encoder:
     @torch.no_grad()
     def latents(self, item: dict, index: int) -> dict[str, torch.Tensor]:
         dev = self.device
-        voxels = SparseVoxels.from_list([item["voxel_coords"]], [item["voxel_feats"]]).to(dev)
+        voxels = SparseVoxels.from_list([item["voxel_coords"]], [item["voxel_feats"]]).to(dev, torch.float32)
         gen = torch.Generator(dev).manual_seed(self.seed * 1_000_003 + index) if self.stochastic else None
         with torch.autocast(dev.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             gaussians, raw, _ = self.static_vae(voxels, sample_posterior=self.stochastic, generator=gen)

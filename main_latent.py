@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     def step_fn(batch, loop):
         x = batch["x"]                                                     # (B, T, N, C): T frames reach the model
         t = diffusion.sample_timesteps(x.shape[0], device=x.device)
-        cond = {k: batch[k] for k in ("cond_images", "static_latent", "deformation_position_xyz")}
+        cond = {k: batch[k].float() for k in ("cond_images", "static_latent", "deformation_position_xyz")}
         loss = diffusion.training_loss(loop.models["dit"], x, t, **cond).mean()
         return loss, {"mse": loss.detach()}
 

@@ -100,7 +100,7 @@ class VAEObjective:
 
     def __call__(self, batch, loop):
         lpips = self._lpips(loop.device)
-        gaussians, _, posterior = loop.models["static_vae"](batch["voxels"])
+        gaussians, _, posterior = loop.models["static_vae"](batch["voxels"].to(torch.float32))
         cam = batch["canonical"]
         size = cam["image"].shape[-1]
         pred = torch.cat([render(g, cam["extrinsics"][b:b + 1], cam["intrinsics"][b:b + 1], size, self.background)

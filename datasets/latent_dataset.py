@@ -87,7 +87,8 @@ class LatentDataset(Dataset):
         path = layout.latent_path(self.data_root, name)
         latent = torch.load(path, map_location="cpu", weights_only=True)
         mean, std = latent["latent_mean"].float(), latent["latent_std"].float()
-        tokens = layout.read_cond_features(layout.cond_features_path(self.data_root, name, self.extractor))
+        # float16 as stored: half the bytes through the loader workers; the trainer casts on the device
+        tokens = layout.read_cond_features(layout.cond_features_path(self.data_root, name, self.extractor), torch.float16)
         clip = min(len(mean), len(tokens))
         if clip < self.num_frames:
             raise ValueError(f"{path}: {clip} frames of latents and image tokens, {self.num_frames} needed")
@@ -108,7 +109,7 @@ class LatentDataset(Dataset):
             cond_images = torch.zeros_like(cond_images)
         return {
             "x": (x - s["deformation_mean"]) / s["deformation_std"],                       # (T, 512, 16)
-            "cond_images": cond_images,                                                    # (T, L, C)
+            "cond_images": cond_images,                                                    # (T, L, C) float16
             "static_latent": (latent["fps_sampled_gs_4096"].float() - s["static_mean"]) / s["static_std"],  # (S, 14)
             "deformation_position_xyz": xyz,                                               # (512, 3)
             "frame_idx": frames,

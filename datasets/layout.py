@@ -305,13 +305,14 @@ def read_voxel_features(path, resolution: int = VOXEL_RESOLUTION) -> tuple["torc
 
 
 def write_cond_features(path, features, overwrite: bool = False) -> Path:
-    """Store per-frame image tokens (T, L, C) as ``features`` float16, compressed (as published, spec §1.7)."""
+    """Store per-frame image tokens (T, L, C) as ``features`` float16. Uncompressed: DINOv2 tokens barely compress
+    and inflating 67 MB per training sample made the DiT trainer data-bound; published compressed files read too."""
     features = _as_numpy(features)
     if features.ndim != 3 or not np.issubdtype(features.dtype, np.floating):
         raise ValueError(f"write_cond_features({path}): features must be a float (T, L, C) array, "
                          f"found {features.dtype} {features.shape}")
     _check_half(f"write_cond_features({path})", features)
-    return _atomic_savez(path, overwrite, True, features=features.astype(np.float16))
+    return _atomic_savez(path, overwrite, False, features=features.astype(np.float16))
 
 
 def read_cond_features(path, dtype=None) -> "torch.Tensor":

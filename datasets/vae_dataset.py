@@ -129,7 +129,8 @@ class VAEDataset(Dataset):
             "static_pc": static_pc,                                   # (N, 3)
             "deltas": deltas_out,                                     # (T', N, 3)
             "frame_idx": torch.from_numpy(frames).long(),             # (T',)
-            "voxel_coords": coords, "voxel_feats": feats,             # (M, 3) int32, (M, C)
+            # float16 as stored (pooled means rounded back): half the bytes through the loader; models cast on the device
+            "voxel_coords": coords, "voxel_feats": feats.half(),      # (M, 3) int32, (M, C) float16
         }
         if not self.images:
             return item

@@ -64,7 +64,7 @@ def test_loss_falls_on_a_fixed_batch(tmp_path):
     g = torch.Generator().manual_seed(1)
     probe_t = torch.linspace(50, 950, 8).long()
     probe_noise = torch.randn(8, *batch["x"].shape[1:], generator=g)
-    cond = {k: batch[k].expand(8, *batch[k].shape[1:]) for k in ("cond_images", "static_latent", "deformation_position_xyz")}
+    cond = {k: batch[k].float().expand(8, *batch[k].shape[1:]) for k in ("cond_images", "static_latent", "deformation_position_xyz")}
 
     def probe():
         with torch.no_grad():
