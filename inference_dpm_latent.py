@@ -1,0 +1,381 @@
+"""Video to 4D: animate canonical Gaussians to the frames of a video (spec §6), writing reusable assets.
+
+    python inference_dpm_latent.py --pack assets/pack --input assets/examples --out outputs/demo
+    accelerate launch --num_processes 8 inference_dpm_latent.py --dit ema_diffusion_0.9999_500000.pt \\
+        --motion-vae ema_deformation_0.9999_200000.pt --static-vae ema_static_vae_0.9999_200000.pt \\
+        --stats-dir stats/ --input data/objaverse --list test.txt --out outputs/test
+
+Inputs (--input, one or more): a prepared sample directory (published layout: imgs/, meta_data/, features_all_timesteps/),
+a folder of them, a video (mp4, mov, mkv, webm, avi, gif) or a folder of frames, or a folder of videos.
+- Prepared samples: the video is view 0 of each frame; the canonical Gaussians are the static VAE's reconstruction of
+  frame 0 (or --canonical); the other views of each frame are held-out ground truth for PSNR / SSIM (/ LPIPS).
+- Videos: frames are matted (alpha channel, rembg when installed with its weights, or a clean-background threshold),
+  cropped to a square around the object and composited on the training background. The canonical Gaussians must be
+  given: --canonical FILE.ply (one input), or a folder holding <video name>.ply. They are turned about Z to match the
+  first frame's silhouette (one batched pass of silhouette renders).
+
+Per input, under --out/<name>/: ply/frame_XXXX.ply (standard 3DGS PLY per frame), animation.npz (canonical + Δ,
+reloadable with utils.gaussians), orbit.mp4, grid.png (frames × 4 views), summary.json (stage times, model evaluations,
+peak memory, metrics). Inputs are sharded over processes; a failing input is reported by name at the end (exit 1).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from tqdm import tqdm
+
+from datasets import layout
+from datasets.latent_dataset import load_latent_stats
+from datasets.vae_dataset import composite, load_rgba, pool_voxels
+from models.dit import DiT
+from models.motion_vae import MotionVAE
+from models.sparse import SparseVoxels
+from models.static_vae import StaticVAE
+from utils.alignment import align_to_silhouette, rotate_z
+from utils.animate import MotionStage
+from utils.cameras import BLENDER_DEFAULT_FOV, intrinsics_from_fov, load_blender_camera, orbit_cameras, published_views
+from utils.checkpoint import load_checkpoint, load_weights
+from utils.config import load_config
+from utils.fileio import atomic_write
+from utils.gaussians import Gaussians, write_ply_sequence
+from utils.image_features import get_extractor
+from utils.logging import report_failures
+from utils.losses import load_lpips
+from utils.matting import prepare_video_frames
+from utils.metrics import ImageMetrics
+from utils.render import rasterize
+from utils.video import is_video_input, to_uint8, write_video
+
+COND_VIEW, COND_BACKGROUND = 0, 0.0   # the video is view 0, composited on black as the training tokens (spec §1.7)
+PACK_FILES = {"dit": "dit.safetensors", "motion_vae": "motion_vae.safetensors", "static_vae": "static_vae.safetensors"}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--input", type=Path, nargs="+", required=True, help="samples, videos, or folders of either")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--list", type=Path, help="with one folder of prepared samples: the names to run")
+    ap.add_argument("--config", type=Path, help="diffusion config (sampling, cameras); default: the pack's, else "
+                                                "configs/diffusion.yml")
+    ap.add_argument("--vae-config", type=Path, help="VAE config for published .pt weights (default configs/vae.yml)")
+    ap.add_argument("--pack", type=Path, help="folder with dit/motion_vae/static_vae.safetensors, the four "
+                                              "statistics files and config.yml (e.g. assets/pack)")
+    ap.add_argument("--dit", type=Path)
+    ap.add_argument("--motion-vae", type=Path)
+    ap.add_argument("--static-vae", type=Path, help="needed for prepared samples without --canonical")
+    ap.add_argument("--stats-dir", type=Path, help="the four latent statistics files (default: the pack)")
+    ap.add_argument("--canonical", type=Path, help="canonical Gaussians: a PLY (one input) or a folder of <name>.ply")
+    ap.add_argument("--num-frames", type=int, help="frames to animate (default sampling.num_frames, at most the input's)")
+    ap.add_argument("--start", type=int, default=0, help="first video frame")
+    ap.add_argument("--stride", type=int, default=1, help="video frame step")
+    ap.add_argument("--matting", default="auto", choices=("auto", "alpha", "rembg", "threshold"))
+    ap.add_argument("--steps", type=int, help="solver steps (multistep: model evaluations)")
+    ap.add_argument("--method", choices=("multistep", "adaptive", "ddim"))
+    ap.add_argument("--guidance-scale", type=float)
+    ap.add_argument("--guidance-scale2", type=float)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="autocast on a GPU")
+    ap.add_argument("--orbit-frames", type=int, default=48, help="frames of orbit.mp4 (one turn)")
+    ap.add_argument("--overwrite", action="store_true", help="redo inputs whose outputs exist")
+    ap.add_argument("--no-metrics", action="store_true")
+    return ap.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+@dataclass
+class Models:
+    motion: MotionStage
+    static_vae: StaticVAE | None
+    cfg: object                       # the diffusion config
+    extractor: object                 # image tokens of the video frames
+    voxel_extractor: str              # the features the static VAE reads from a sample's voxels
+
+
+def _resolve(args) -> dict[str, Path | None]:
+    paths = {k: getattr(args, k) for k in PACK_FILES}
+    stats = args.stats_dir
+    if args.pack:
+        for k, f in PACK_FILES.items():
+            paths[k] = paths[k] or (args.pack / f if (args.pack / f).is_file() else None)
+        stats = stats or args.pack
+    missing = [f"--{k.replace('_', '-')}" for k in ("dit", "motion_vae") if paths[k] is None]
+    if missing:
+        raise SystemExit(f"inference_dpm_latent.py: no weights for {', '.join(missing)} (give them or --pack)")
+    if stats is None:
+        raise SystemExit("inference_dpm_latent.py: no latent statistics: give --stats-dir or --pack")
+    return {**paths, "stats": stats}
+
+
+def _build(make, path: Path, yaml_block):
+    """make(config) -> model, from our checkpoint's embedded config, or the YAML block for published weights."""
+    config = load_checkpoint(path)[1] if path.suffix == ".safetensors" else yaml_block
+    model = make(config)
+    load_weights(model, path)
+    return model
+
+
+def load_models(args, device) -> Models:
+    paths = _resolve(args)
+    config = args.config or (args.pack / "config.yml" if args.pack and (args.pack / "config.yml").is_file()
+                             else Path("configs/diffusion.yml"))
+    cfg = load_config(config)
+    vae_cfg = load_config(args.vae_config or (args.pack / "vae.yml" if args.pack and (args.pack / "vae.yml").is_file()
+                                              else Path("configs/vae.yml")))
+    dit = _build(lambda c: DiT(**c), paths["dit"], cfg.model.to_dict()).to(device)
+    motion_vae = _build(lambda c: MotionVAE(**c), paths["motion_vae"], cfg.motion_vae.to_dict()).to(device)
+    static_vae = None
+    if paths["static_vae"] is not None:
+        static_vae = _build(StaticVAE.from_config, paths["static_vae"], vae_cfg.static_vae.to_dict()).to(device).eval()
+    dtype = torch.bfloat16 if args.precision == "bf16" and device.type == "cuda" else torch.float32
+    sampling = cfg.sampling.to_dict()
+    for key in ("steps", "method", "guidance_scale", "guidance_scale2"):
+        if getattr(args, key) is not None:
+            sampling[key] = getattr(args, key)
+    stage = MotionStage(dit, motion_vae, load_latent_stats(paths["stats"]), sampling, cfg.data.num_static_cond,
+                        cfg.data.normalize_position_xyz, dtype)
+    return Models(stage, static_vae, cfg, get_extractor(cfg.data.image_encoder, device=device), vae_cfg.data.image_encoder)
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+@dataclass
+class Job:
+    name: str
+    path: Path
+    kind: str                          # "sample" | "video"
+
+
+def collect_inputs(paths: list[Path], list_file: Path | None) -> list[Job]:
+    jobs = []
+    for p in paths:
+        if not p.exists():
+            raise SystemExit(f"inference_dpm_latent.py: input {p} does not exist")
+        if (p / "imgs").is_dir():
+            jobs.append(Job(p.name, p, "sample"))
+        elif is_video_input(p):
+            jobs.append(Job(p.stem if p.is_file() else p.name, p, "video"))
+        elif p.is_dir():
+            names = layout.read_list_file(list_file, p) if list_file else sorted(c.name for c in p.iterdir())
+            for n in names:
+                c = layout.resolve_sample(p, n)
+                if (c / "imgs").is_dir():
+                    jobs.append(Job(c.name, c, "sample"))
+                elif is_video_input(c):
+                    jobs.append(Job(c.stem if c.is_file() else c.name, c, "video"))
+                elif list_file:  # a listed name that is neither: a failure for that input, not a silent skip
+                    jobs.append(Job(n, c, "missing"))
+        else:
+            raise SystemExit(f"inference_dpm_latent.py: {p} is neither a prepared sample, a video nor a folder")
+    if not jobs:
+        raise SystemExit(f"inference_dpm_latent.py: no samples or videos found in {[str(p) for p in paths]}")
+    return jobs
+
+
+def canonical_ply(args, job: Job) -> Path | None:
+    c = args.canonical
+    if c is None:
+        return None
+    if c.is_dir():
+        p = c / f"{job.name}.ply"
+        return p if p.is_file() else None
+    return c
+
+
+def front_camera(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """View 0 of the training renders: the camera the video is assumed to come from (spec §1.9)."""
+    ext, _ = published_views(1)
+    return ext[0].to(device), intrinsics_from_fov(torch.tensor(BLENDER_DEFAULT_FOV)).to(device)
+
+
+@torch.no_grad()
+def static_reconstruction(models: Models, sample: Path, extractor_name: str, device) -> Gaussians:
+    if models.static_vae is None:
+        raise ValueError("no canonical Gaussians: give --static-vae (or a pack with one) or --canonical")
+    vae = models.static_vae
+    coords, feats = layout.read_voxel_features(layout.voxel_features_path(sample, 0, extractor_name))
+    coords, feats = pool_voxels(coords, feats, layout.VOXEL_RESOLUTION // vae.resolution)
+    voxels = SparseVoxels.from_list([coords], [feats]).to(device, torch.float32)
+    gaussians, _, _ = vae(voxels, sample_posterior=False)
+    return gaussians[0]
+
+
+def sample_inputs(models: Models, job: Job, args, num_frames: int, device):
+    """Tokens (T, L, C), canonical, ground-truth loader for a prepared sample."""
+    views = sorted(job.path.glob("imgs/timestep_00_view_*.png"))
+    frames = sum(1 for _ in job.path.glob(f"imgs/timestep_*_view_{COND_VIEW:02d}.png"))
+    if frames == 0:
+        raise FileNotFoundError(f"{job.path}: no view-{COND_VIEW} renders (imgs/timestep_TT_view_00.png)")
+    t = min(num_frames, frames)
+    images = []
+    for i in range(t):
+        rgb, alpha = load_rgba(layout.image_path(job.path, i, COND_VIEW))
+        images.append(composite(rgb, alpha, COND_BACKGROUND, blur=False))
+    tokens = models.extractor(torch.stack(images))
+    ply = canonical_ply(args, job)
+    canonical = Gaussians.load_ply(ply).to(device) if ply else \
+        static_reconstruction(models, job.path, models.voxel_extractor, device)
+    return tokens, canonical, {"frames": t, "views": len(views), "canonical": str(ply) if ply else "static VAE"}
+
+
+def video_inputs(models: Models, job: Job, args, num_frames: int, device):
+    ply = canonical_ply(args, job)
+    if ply is None:
+        raise ValueError(f"no canonical Gaussians for video {job.path}: give --canonical <file.ply> or a folder with "
+                         f"{job.name}.ply (the image-to-3D stage that would make them is not available yet)")
+    video = prepare_video_frames(job.path, num_frames, start=args.start, stride=args.stride,
+                                 size=models.extractor.image_size, background=COND_BACKGROUND, matting=args.matting)
+    tokens = models.extractor(video.images)
+    canonical = Gaussians.load_ply(ply).to(device)
+    ext, K = front_camera(device)
+    a = align_to_silhouette(canonical, video.alpha[0, 0], ext, K)
+    canonical = rotate_z(canonical, a.azimuth)
+    return tokens, canonical, {"frames": len(video.images), "canonical": str(ply), "matting": video.matting,
+                               "fps": video.fps, "crop_box": list(video.box),
+                               "alignment": {"azimuth_deg": a.azimuth, "scale": a.scale, "silhouette_iou": a.iou}}
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+def render_views(frames: Gaussians, extrinsics, intrinsics, size: int, background: float) -> torch.Tensor:
+    """frames (T, N) each seen by its own camera (T, 4, 4) -> (T, H, W, 3)."""
+    return rasterize(frames, extrinsics[:, None], intrinsics[:, None], size, size, background=background).rgb[:, 0]
+
+
+def write_outputs(out: Path, canonical: Gaussians, delta: torch.Tensor, s, fps: float) -> dict:
+    frames = canonical.apply_delta(delta)                                                     # (T, N)
+    write_ply_sequence(frames.to("cpu"), out / "ply", overwrite=True)
+    c = canonical.to("cpu")
+    arrays = {"xyz": c.xyz, "f_dc": c.f_dc, "opacity_logit": c.opacity_logit, "scale_pre": c.scale_pre,
+              "quat": c.quat, "delta": delta.cpu()}
+
+    def save(tmp):
+        with open(tmp, "wb") as f:  # a file object: numpy would append ".npz" to the temporary name
+            np.savez_compressed(f, **{k: v.float().numpy() for k, v in arrays.items()})
+
+    atomic_write(out / "animation.npz", save, overwrite=True)
+    t = delta.shape[0]
+    bg = 1.0 if s.background == "white" else 0.0
+    k = s.orbit_frames
+    ext, K = orbit_cameras(torch.arange(k) * (360.0 / k), s.elevation_deg, s.radius, s.fov_deg)
+    idx = torch.arange(k) % t
+    dev = delta.device
+    orbit = torch.cat([render_views(frames.map(lambda x: x[idx[i:i + 8]]), ext[i:i + 8].to(dev), K[i:i + 8].to(dev),
+                                    s.resolution, bg) for i in range(0, k, 8)])
+    write_video(out / "orbit.mp4", orbit.cpu(), fps=fps, overwrite=True)
+    ext4, K4 = orbit_cameras(torch.tensor([0.0, 90.0, 180.0, 270.0]), s.elevation_deg, s.radius, s.fov_deg)
+    grid = rasterize(frames, ext4.to(dev), K4.to(dev), s.resolution, s.resolution, background=bg).rgb  # (T, 4, H, W, 3)
+    grid = grid.permute(1, 2, 0, 3, 4).reshape(4 * s.resolution, t * s.resolution, 3)        # rows views, columns frames
+    from PIL import Image
+    atomic_write(out / "grid.png", lambda tmp: Image.fromarray(to_uint8(grid.cpu())).save(tmp, format="PNG"),
+                 overwrite=True)
+    return {"ply_frames": t, "gaussians": len(canonical)}
+
+
+@torch.no_grad()
+def ground_truth_metrics(job: Job, canonical: Gaussians, delta: torch.Tensor, metrics: ImageMetrics, device) -> dict:
+    """Per frame, the mean over the held-out views (all but view 0) of PSNR / SSIM (/ LPIPS) against the renders."""
+    t = delta.shape[0]
+    frames = canonical.apply_delta(delta)
+    per_frame = []
+    for i in range(t):
+        views = sorted(int(p.stem.split("_view_")[1]) for p in job.path.glob(f"imgs/timestep_{i:02d}_view_*.png"))
+        held_out = [v for v in views if v != COND_VIEW]
+        if not held_out:
+            raise ValueError(f"{job.path}: frame {i} has no view other than the conditioning view")
+        gts, exts, ks = [], [], []
+        for v in held_out:
+            rgb, alpha = load_rgba(layout.image_path(job.path, i, v))
+            gts.append(composite(rgb, alpha, 1.0, blur=False))
+            e, k = load_blender_camera(layout.camera_path(job.path, i, v), rgb.shape[2], rgb.shape[1])
+            exts.append(e), ks.append(k)
+        gt = torch.stack(gts).to(device)
+        size = gt.shape[-1]
+        pred = rasterize(frames.map(lambda x: x[i]), torch.stack(exts).to(device), torch.stack(ks).to(device),
+                         size, size, background=1.0).rgb.movedim(-1, -3)
+        per_frame.append({k: float(v.mean()) for k, v in metrics(pred, gt).items()})
+    keys = per_frame[0].keys()
+    later = per_frame[1:] or per_frame
+    return {"per_frame": per_frame, "mean": {k: float(np.mean([f[k] for f in per_frame])) for k in keys},
+            "mean_after_first": {k: float(np.mean([f[k] for f in later])) for k in keys},
+            "views_per_frame": len(held_out)}
+
+
+def run_job(job: Job, models: Models, args, metrics: ImageMetrics | None, device) -> dict:
+    out = args.out / job.name
+    if job.kind == "missing":
+        raise FileNotFoundError(f"{job.path}: neither a prepared sample nor a video")
+    if (out / "summary.json").is_file() and not args.overwrite:
+        return {"skipped": True}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    s = models.cfg.sampling
+    num_frames = args.num_frames or s.num_frames
+    t0 = time.perf_counter()
+    get = sample_inputs if job.kind == "sample" else video_inputs
+    tokens, canonical, info = get(models, job, args, num_frames, device)
+    seconds = {"inputs": time.perf_counter() - t0}
+    seed = s.seed if args.seed is None else args.seed
+    result = models.motion(canonical, tokens, seed=seed)
+    seconds.update(result.seconds)
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    s = argparse.Namespace(**{**s.to_dict(), "orbit_frames": args.orbit_frames})
+    written = write_outputs(out, canonical, result.delta, s, fps=float(info.get("fps") or 12.0))
+    seconds["outputs"] = time.perf_counter() - t0
+    summary = {"input": str(job.path), "kind": job.kind, **info, **written, "seed": seed, "model_evaluations": result.nfe,
+               "seconds": seconds, "peak_gpu_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30
+                                                          if device.type == "cuda" else None)}
+    if metrics is not None and job.kind == "sample":
+        t0 = time.perf_counter()
+        summary["metrics"] = ground_truth_metrics(job, canonical, result.delta, metrics, device)
+        seconds["metrics"] = time.perf_counter() - t0
+    atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1)), overwrite=True)
+    return summary
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    device = state.device
+    jobs = collect_inputs(args.input, args.list)
+    models = load_models(args, device)
+    metrics = None if args.no_metrics else ImageMetrics(load_lpips(device=device))
+    mine = jobs[state.process_index::state.num_processes]
+    failures, done = [], []
+    for job in tqdm(mine, desc="animate", disable=not state.is_main_process, dynamic_ncols=True):
+        try:
+            summary = run_job(job, models, args, metrics, device)
+            done.append((job.name, summary))
+        except Exception as e:  # report by name, go on with the others
+            failures.append((job.name, f"{type(e).__name__}: {e}"))
+    if state.num_processes > 1:
+        failures = [f for part in gather_object([failures]) for f in part]
+        done = [d for part in gather_object([done]) for d in part]
+    status = 0
+    if state.is_main_process:
+        for name, summary in done:
+            if summary.get("skipped"):
+                print(f"{name}: outputs exist in {args.out / name} (--overwrite to redo)")
+                continue
+            line = f"{name}: {summary['ply_frames']} frames, {summary['model_evaluations']} model evaluations, " \
+                   f"{sum(summary['seconds'].values()):.1f} s"
+            if "metrics" in summary:
+                m = summary["metrics"]["mean"]
+                line += ", " + ", ".join(f"{k.upper()} {v:.3f}" for k, v in m.items())
+            print(line + f" -> {args.out / name}")
+        status = report_failures(failures, len(jobs), "inputs")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

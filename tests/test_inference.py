@@ -1,0 +1,131 @@
+"""inference_dpm_latent.py end to end on CPU with random tiny models: prepared samples and videos in, reusable assets
+out, metrics against ground truth, a corrupt video reported by name."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import inference_dpm_latent as inference
+from data_rendering.synthetic_dataset import main as make_synthetic
+from datasets import layout
+from models.dit import DiT
+from models.motion_vae import MotionVAE
+from models.static_vae import StaticVAE
+from utils.cameras import load_blender_camera
+from utils.checkpoint import save_checkpoint
+from utils.config import load_config
+from utils.gaussians import Gaussians, read_ply
+from utils.render import rasterize
+from utils.video import read_frames, write_video
+
+VAE, DIT = "configs/tiny/vae.yml", "configs/tiny/diffusion.yml"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inference")
+    data = root / "data"
+    assert make_synthetic(["--out", str(data), "--num", "2", "--frames", "8", "--views", "3", "--res", "64",
+                           "--workers", "1", "--test-fraction", "0"]) == 0
+    vcfg, dcfg = load_config(VAE), load_config(DIT)
+    torch.manual_seed(0)
+    static, motion, dit = StaticVAE.from_config(vcfg.static_vae), MotionVAE(**vcfg.model), DiT(**dcfg.model)
+    with torch.no_grad():  # non-trivial outputs everywhere (the zero-initialised layers too)
+        static.out_layer.weight.normal_(0, 0.02)
+        motion.to_outputs.weight.normal_(0, 0.02)
+        for p in dit.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    pack = root / "pack"
+    pack.mkdir()
+    save_checkpoint(pack / "static_vae.safetensors", static, config=vcfg.static_vae.to_dict())
+    save_checkpoint(pack / "motion_vae.safetensors", motion, config=vcfg.model.to_dict())
+    save_checkpoint(pack / "dit.safetensors", dit, config=dcfg.model.to_dict())
+    for which in layout.LATENT_STATS:
+        shape = (dcfg.model.in_channels,) if which.startswith("deformation") else (14,)
+        torch.save(torch.zeros(shape) if which.endswith("mean") else torch.full(shape, 0.5),
+                   layout.latent_stats_path(pack, which))
+    shutil.copy(DIT, pack / "unused.yml")  # the pack's config is optional: --config is given below
+    return root, data, pack
+
+
+def _run(*args):
+    return inference.main(["--config", DIT, "--vae-config", VAE, "--orbit-frames", "8", *map(str, args)])
+
+
+def test_prepared_sample_outputs_and_metrics(world, monkeypatch):
+    monkeypatch.setenv("GVF_LPIPS_HUB", "off")
+    root, data, pack = world
+    out = root / "out_samples"
+    assert _run("--pack", pack, "--input", data, "--list", data / "all.txt", "--out", out) == 0
+    name = layout.list_samples(data)[0]
+    d = out / name
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["ply_frames"] == 8 and summary["model_evaluations"] == load_config(DIT).sampling.steps
+    # The PLY sequence is canonical + Δ of animation.npz, frame by frame.
+    npz = np.load(d / "animation.npz")
+    canonical = Gaussians(*(torch.from_numpy(npz[k]) for k in ("xyz", "f_dc", "opacity_logit", "scale_pre", "quat")))
+    frames = canonical.apply_delta(torch.from_numpy(npz["delta"]))
+    plys = sorted((d / "ply").glob("*.ply"))
+    assert len(plys) == 8
+    for t in (0, 7):
+        g = read_ply(plys[t])
+        torch.testing.assert_close(g.xyz, frames.xyz[t])
+        torch.testing.assert_close(g.scale_pre, frames.scale_pre[t])
+    video, _ = read_frames(d / "orbit.mp4")
+    assert video.shape[0] == 8 and video.shape[1] == load_config(DIT).sampling.resolution
+    assert Image.open(d / "grid.png").size == (8 * 128, 4 * 128)
+    # PSNR of frame 3 recomputed here from the PLY, the ground-truth PNGs and cameras, in numpy.
+    g = read_ply(plys[3])
+    values = []
+    for v in (1, 2):
+        rgba = np.asarray(Image.open(layout.image_path(data / name, 3, v)), dtype=np.float64) / 255
+        gt = rgba[..., :3] * rgba[..., 3:] + (1 - rgba[..., 3:])
+        e, k = load_blender_camera(layout.camera_path(data / name, 3, v), 64, 64)
+        pred = rasterize(g, e[None], k[None], 64, 64, background=1.0).rgb[0].double().numpy()
+        values.append(10 * np.log10(1 / np.mean((pred - gt) ** 2)))
+    assert summary["metrics"]["per_frame"][3]["psnr"] == pytest.approx(np.mean(values), abs=0.05)
+    assert summary["metrics"]["views_per_frame"] == 2
+    # A second run leaves finished outputs alone.
+    stamp = (d / "summary.json").stat().st_mtime_ns
+    assert _run("--pack", pack, "--input", data / name, "--out", out) == 0
+    assert (d / "summary.json").stat().st_mtime_ns == stamp
+
+
+def test_videos_with_canonical_and_a_corrupt_one(world, capsys):
+    root, data, pack = world
+    videos, canon = root / "videos", root / "canonicals"
+    videos.mkdir(exist_ok=True)
+    canon.mkdir(exist_ok=True)
+    # The object of the two whose first frame shows the most foreground (a thin object seen edge-on aligns badly).
+    area = lambda n: (np.asarray(Image.open(layout.image_path(data / n, 0, 0)))[..., 3] > 127).sum()
+    name = max(layout.list_samples(data), key=area)
+    frames = []
+    for t in range(8):
+        rgba = np.asarray(Image.open(layout.image_path(data / name, t, 0)), dtype=np.float32) / 255
+        frames.append(rgba[..., :3] * rgba[..., 3:] + (1 - rgba[..., 3:]))   # on white: threshold matting
+    write_video(videos / "good.mp4", np.stack(frames), fps=8, overwrite=True)
+    (videos / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video")
+    # The canonical of the good video: small opaque Gaussians on the object's frame-0 surface points, turned by
+    # 90 degrees, which the alignment has to undo.
+    from utils.alignment import rotate_z
+    from utils.gaussians import write_ply
+    pts = torch.load(layout.static_vertices_path(data / name)) + torch.load(layout.frame_deltas_path(data / name))[0]
+    n = len(pts)
+    points = Gaussians.from_activated(pts.float(), torch.full((n, 3), 0.5), torch.full((n, 1), 0.95),
+                                      torch.full((n, 3), 0.02), torch.tensor([1.0, 0, 0, 0]).expand(n, 4))
+    write_ply(rotate_z(points, 90.0), canon / "good.ply", overwrite=True)
+
+    out = root / "out_videos"
+    status = _run("--pack", pack, "--input", videos, "--canonical", canon, "--out", out, "--num-frames", "8")
+    assert status == 1
+    err = capsys.readouterr().err
+    assert "broken" in err and "1 of 2 inputs failed" in err
+    summary = json.loads((out / "good" / "summary.json").read_text())
+    assert summary["frames"] == 8 and summary["matting"] == "threshold"
+    az = summary["alignment"]["azimuth_deg"]
+    assert abs(az - 270.0) <= 15.0 and summary["alignment"]["silhouette_iou"] > 0.6, summary["alignment"]
+    assert len(list((out / "good" / "ply").glob("*.ply"))) == 8
+    assert not (out / "broken").exists() or not (out / "broken" / "summary.json").exists()

@@ -1,0 +1,93 @@
+"""The motion stage of inference (spec §6.4 steps 3-6): canonical Gaussians + per-frame image tokens -> Δ per frame.
+
+    motion = MotionStage(dit, motion_vae, stats, sampling=cfg.sampling, num_static_cond=4096)
+    result = motion(canonical, tokens, seed=0)            # tokens (T, L, C); result.delta (T, N, 14), result.nfe
+
+Conditions as in training (datasets/latent_dataset.py): the num_latents FPS anchors of the canonical Gaussians (their
+xyz, normalised by the static statistics when the DiT was trained so, spec §10.7) and num_static_cond FPS Gaussians
+normalised by the static statistics; noise (T, L, C) is solved by DPM-Solver++ (models/dpm_solver.py), de-normalised
+and decoded by the motion VAE against every canonical Gaussian. No file I/O here.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+from models.dpm_solver import sample, sample_kwargs
+from models.motion_vae import pad_gaussians
+from utils.gaussians import Gaussians
+from utils.pointcloud import farthest_point_sample, gather_points
+
+
+@dataclass
+class MotionResult:
+    delta: torch.Tensor                    # (T, N, 14) Δ layout, float32
+    latents: torch.Tensor                  # (T, L, C) de-normalised motion latents
+    nfe: int                               # model evaluations of the solver (a batched CFG pass counts once)
+    seconds: dict = field(default_factory=dict)   # condition, sampling, decoding
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class MotionStage:
+    def __init__(self, dit, motion_vae, stats: Mapping[str, torch.Tensor], sampling: Mapping,
+                 num_static_cond: int, normalize_position_xyz: bool = True, dtype: torch.dtype = torch.float32):
+        self.dit, self.motion_vae = dit.eval(), motion_vae.eval()
+        self.device = next(dit.parameters()).device
+        self.stats = {k: v.to(self.device, torch.float32) for k, v in stats.items()}
+        self.sampling = sample_kwargs(sampling)
+        self.num_static_cond, self.normalize_position_xyz, self.dtype = num_static_cond, normalize_position_xyz, dtype
+
+    def condition(self, canonical: Gaussians, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """DiT conditions for one object, batch 1: cond_images (1, T, L, C), static_latent (1, S, 14),
+        deformation_position_xyz (1, num_latents, 3)."""
+        cond = canonical.to_condition().float()[None].to(self.device)                       # (1, N, 14)
+        n, s = cond.shape[1], self.num_static_cond
+        if n < max(s, self.motion_vae.num_latents):
+            raise ValueError(f"the canonical has {n} Gaussians; the models need at least "
+                             f"{max(s, self.motion_vae.num_latents)}")
+        # FPS from the first Gaussian, as encode_latent.py and MotionVAE.encode do for the training latents.
+        anchors = gather_points(cond, farthest_point_sample(cond[..., :3], self.motion_vae.num_latents))
+        static = gather_points(cond, farthest_point_sample(cond[..., :3], s))
+        st = self.stats
+        xyz = anchors[..., :3]
+        if self.normalize_position_xyz:
+            xyz = (xyz - st["static_mean"][..., :3]) / st["static_std"][..., :3]
+        return {"cond_images": tokens.to(self.device, torch.float32)[None],
+                "static_latent": (static - st["static_mean"]) / st["static_std"],
+                "deformation_position_xyz": xyz}
+
+    @torch.no_grad()
+    def __call__(self, canonical: Gaussians, tokens: torch.Tensor, seed: int = 0, **overrides) -> MotionResult:
+        """Animate `canonical` (N Gaussians) to the T frames of `tokens` (T, L, C). `overrides` replace sampling
+        options (steps, method, guidance_scale, ...)."""
+        dev, seconds = self.device, {}
+        _sync(dev)
+        t0 = time.perf_counter()
+        cond = self.condition(canonical, tokens)
+        frames, L, C = tokens.shape[0], self.motion_vae.num_latents, self.motion_vae.latent_dim
+        gen = torch.Generator(dev).manual_seed(seed)
+        x_T = torch.randn(1, frames, L, C, generator=gen, device=dev)
+        _sync(dev)
+        seconds["condition"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        with torch.autocast(dev.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            x0, info = sample(self.dit, x_T, cond, **{**self.sampling, **overrides})
+        latents = x0.float() * self.stats["deformation_std"] + self.stats["deformation_mean"]
+        _sync(dev)
+        seconds["sampling"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        queries, _ = pad_gaussians([canonical.to_condition().float().to(dev)])
+        with torch.autocast(dev.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            delta = self.motion_vae.decode(latents, queries)[0].float()                   # (T, N, 14)
+        _sync(dev)
+        seconds["decoding"] = time.perf_counter() - t0
+        return MotionResult(delta, latents[0], int(info["nfe"]), seconds)
