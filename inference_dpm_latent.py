@@ -84,6 +84,7 @@ def parse_args(argv=None):
     ap.add_argument("--guidance-scale2", type=float)
     ap.add_argument("--seed", type=int)
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="autocast on a GPU")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the DiT (GPU; pays off over many inputs)")
     ap.add_argument("--orbit-frames", type=int, default=48, help="frames of orbit.mp4 (one turn)")
     ap.add_argument("--overwrite", action="store_true", help="redo inputs whose outputs exist")
     ap.add_argument("--no-metrics", action="store_true")
@@ -142,7 +143,7 @@ def load_models(args, device) -> Models:
         if getattr(args, key) is not None:
             sampling[key] = getattr(args, key)
     stage = MotionStage(dit, motion_vae, load_latent_stats(paths["stats"]), sampling, cfg.data.num_static_cond,
-                        cfg.data.normalize_position_xyz, dtype)
+                        cfg.data.normalize_position_xyz, dtype, compile=args.compile)
     return Models(stage, static_vae, cfg, get_extractor(cfg.data.image_encoder, device=device), vae_cfg.data.image_encoder)
 
 
