@@ -13,7 +13,9 @@ $(STAMP): setup.sh requirements.txt requirements-gpu.txt requirements-dev.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) scripts/render_gaussians.py --example --out outputs/demo/turntable.mp4 --overwrite
+	$(PY) inference_dpm_latent.py --pack assets/pack --input assets/examples --canonical assets/examples \
+		--out outputs/demo --overwrite
+	@echo "outputs: outputs/demo/<input>/ (ply/, animation.npz, orbit.mp4, grid.png, summary.json)"
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -21,7 +23,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_render.py
 	@if $(PY) -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then \
-		$(PY) benchmarks/bench_models.py; else echo "bench_models.py skipped: paper-scale models need a GPU"; fi
+		$(PY) benchmarks/bench_models.py && $(PY) benchmarks/bench_inference.py --compile && \
+		$(PY) benchmarks/bench_trainers.py; else echo "paper-scale benchmarks skipped: they need a GPU"; fi
 
 clean:
 	rm -rf .venv .pytest_cache
