@@ -24,7 +24,9 @@ The step_fn contract:
 
 What the loop owns, fixing the published trainers (spec §10.8-9):
 - `step` counts optimiser steps: one step = grad_accum micro-batches per process. Warm-up, EMA, logging and
-  checkpoints are functions of it, never of micro-steps or of the process count.
+  checkpoints are functions of it, never of micro-steps or of the process count. An optimiser whose parameters get no
+  gradient in a step (a model a training phase does not use) is not stepped; `warmup_start={name: step}` starts its
+  warm-up when its phase begins.
 - Data goes through a ResumableSampler: seeded shuffling, a disjoint shard per rank, an exact position on resume.
 - A non-finite loss (or gradient norm, outside fp16) on any rank skips the whole optimiser step on every rank: no
   update, no EMA, gradients dropped. The step still counts (its data is consumed) and is counted in
