@@ -53,7 +53,7 @@ from utils.losses import load_lpips
 from utils.matting import prepare_video_frames
 from utils.metrics import ImageMetrics
 from utils.render import rasterize
-from utils.video import is_video_input, to_uint8, write_video
+from utils.video import VideoReadError, is_video_input, to_uint8, write_video
 
 COND_VIEW, COND_BACKGROUND = 0, 0.0   # the video is view 0, composited on black as the training tokens (spec §1.7)
 PACK_FILES = {"dit": "dit.safetensors", "motion_vae": "motion_vae.safetensors", "static_vae": "static_vae.safetensors"}
@@ -233,8 +233,17 @@ def video_inputs(models: Models, job: Job, args, num_frames: int, device):
     if ply is None:
         raise ValueError(f"no canonical Gaussians for video {job.path}: give --canonical <file.ply> or a folder with "
                          f"{job.name}.ply (the image-to-3D stage that would make them is not available yet)")
-    video = prepare_video_frames(job.path, num_frames, start=args.start, stride=args.stride,
-                                 size=models.extractor.image_size, background=COND_BACKGROUND, matting=args.matting)
+    prepare = lambda n: prepare_video_frames(job.path, n, start=args.start, stride=args.stride,
+                                             size=models.extractor.image_size, background=COND_BACKGROUND,
+                                             matting=args.matting)
+    try:
+        video = prepare(num_frames)
+    except VideoReadError:
+        raise
+    except ValueError:
+        if args.num_frames is not None:  # the user asked for that many frames: a shorter clip is an error
+            raise
+        video = prepare(None)            # the default count is an upper bound: a shorter clip uses all its frames
     tokens = models.extractor(video.images)
     canonical = Gaussians.load_ply(ply).to(device)
     ext, K = front_camera(device)
