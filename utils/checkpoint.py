@@ -4,6 +4,8 @@
     load_state_dict_strict(model, sd, source="ema_diffusion...")  # every key used, shapes equal, readable report otherwise
     save_checkpoint("dit.safetensors", model, config=cfg.model, extra={"step": 500000})
     sd, config, extra = load_checkpoint("dit.safetensors")
+    release = read_trellis_release("JeffreyXiang/TRELLIS-image-large")  # or a local copy of that folder
+    model = build_trellis_model(*release["slat_flow_model"], registry={"SLatFlowModel": SLatFlowModel})
     save_published("dit.pt", sd, module_prefix=True)               # back to the published layout
 
 Everything here is module-agnostic: it works on any nn.Module and any flat {name: tensor} state dict. Our modules use
@@ -29,7 +31,8 @@ from utils.fileio import atomic_write
 
 __all__ = ["CheckpointError", "load_published", "save_published", "save_checkpoint", "load_checkpoint",
            "load_state_dict_strict", "check_state_dict", "mismatch_report", "summarize", "map_trellis_slat",
-           "read_weights", "load_weights"]
+           "read_weights", "load_weights", "read_trellis_pipeline", "read_trellis_release", "build_trellis_model",
+           "load_trellis_models", "TRELLIS_REPO", "TRELLIS_GS_MODELS"]
 
 FORMAT = "gvfdiffusion-checkpoint"
 FORMAT_VERSION = "1"
@@ -296,6 +299,184 @@ def load_weights(module: nn.Module, path: str | os.PathLike, drop_mismatched: Se
         sd.update({k: own[k] for k in dropped})
     load_state_dict_strict(module, sd, source=str(path))
     return dropped
+
+
+# ---------------------------------------------------------------------------------------------- TRELLIS release
+
+TRELLIS_REPO = "JeffreyXiang/TRELLIS-image-large"
+# The models GVFDiffusion uses from the release (official spec §6.4): the GS decoder is replaced by the GVF static VAE
+# and the mesh/RF decoders produce nothing that is used, so their files are never read or downloaded.
+TRELLIS_GS_MODELS = ("sparse_structure_flow_model", "sparse_structure_decoder", "slat_flow_model")
+# The released pipeline.json's paths (trellis spec §1); used only to name the files in an error when pipeline.json
+# itself cannot be had, so the user knows exactly what to fetch.
+_TRELLIS_KNOWN_CKPTS = {"sparse_structure_flow_model": "ckpts/ss_flow_img_dit_L_16l8_fp16",
+                        "sparse_structure_decoder": "ckpts/ss_dec_conv3d_16l8_fp16",
+                        "slat_flow_model": "ckpts/slat_flow_img_dit_L_64l8p2_fp16"}
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def _hub_file(repo_id: str, filename: str) -> str:
+    """Local path of a hub file (huggingface_hub's cache first); separate so tests can replace it."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, hf_hub_download
+    try:
+        return hf_hub_download(repo_id=repo_id, filename=filename, local_files_only=True)
+    except Exception:
+        pass
+    # One quick connection attempt first: offline, huggingface_hub retries for about 20 s before giving up.
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+    except OSError as e:
+        raise OSError(f"{url.hostname} unreachable ({e})") from None
+    return hf_hub_download(repo_id=repo_id, filename=filename)
+
+
+class _Release:
+    """Where the release files come from: a local folder (only), or a hub repo (only); never a mix of both."""
+
+    def __init__(self, folder_or_repo: str | os.PathLike, hub: bool):
+        self.name = str(folder_or_repo)
+        self.folder = Path(folder_or_repo) if Path(folder_or_repo).is_dir() else None
+        if self.folder is None and not (hub and _REPO_ID.match(self.name)):
+            why = "hub=False" if _REPO_ID.match(self.name) else "it is not a hub repo id (owner/name) either"
+            raise CheckpointError(f"{self.name}: TRELLIS release folder not found ({why}); pass a folder holding "
+                                  f"pipeline.json and ckpts/ (a copy of {TRELLIS_REPO}) or, with the hub reachable, "
+                                  f"the repo id {TRELLIS_REPO!r}")
+
+    def fetch(self, files: Sequence[str]) -> tuple[dict[str, Path], list[str]]:
+        """({relative name: local path} of the files found, ["name (why)"] of the rest)."""
+        found, missing = {}, []
+        for rel in files:
+            if self.folder is not None:
+                path = self.folder / rel
+                if path.is_file():
+                    found[rel] = path
+                else:
+                    missing.append(f"{path} (not found)")
+                continue
+            try:
+                found[rel] = Path(_hub_file(self.name, rel))
+            except Exception as e:  # offline, unknown repo, missing file: all mean "not from the hub"
+                missing.append(f"{self.name}/{rel} (hub: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        return found, missing
+
+    def fail(self, missing: list[str], wanted: Sequence[str]) -> CheckpointError:
+        where = (f"put them in {self.folder}" if self.folder is not None else
+                 f"make the hub reachable, or download them (huggingface-cli download {self.name} {' '.join(wanted)} "
+                 f"--local-dir DIR) and pass that folder instead of the repo id")
+        return CheckpointError(f"TRELLIS release {self.name}: missing file(s): {'; '.join(missing)}. To provide them, "
+                               f"{where}.")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable JSON ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
+def read_trellis_pipeline(folder_or_repo: str | os.PathLike = TRELLIS_REPO, hub: bool = True) -> dict:
+    """pipeline.json of a TRELLIS release (samplers, slat_normalization, models), from a folder or the hub."""
+    return _read_pipeline(_Release(folder_or_repo, hub), TRELLIS_GS_MODELS)[0]
+
+
+def _read_pipeline(src: _Release, models: Sequence[str]) -> tuple[dict, dict[str, str]]:
+    found, missing = src.fetch(["pipeline.json"])
+    if missing:
+        # Without pipeline.json the ckpt names are unknown; name those of the official release as a guide.
+        known = [f"{_TRELLIS_KNOWN_CKPTS[m]}{ext}" for m in models if m in _TRELLIS_KNOWN_CKPTS
+                 for ext in (".json", ".safetensors")]
+        raise src.fail(missing + ([f"and the ckpts it names ({TRELLIS_REPO}: {', '.join(known)})"] if known else []),
+                       ["pipeline.json"] + known)
+    path = found["pipeline.json"]
+    pipeline = _read_json(path)
+    table = pipeline.get("args", {}).get("models") if isinstance(pipeline.get("args"), dict) else None
+    if not isinstance(table, dict):
+        raise CheckpointError(f"{path}: no args.models mapping (model name -> ckpts/<name>) in this pipeline.json")
+    absent = [m for m in models if m not in table]
+    if absent:
+        raise CheckpointError(f"{path}: args.models has no {absent} (it names {sorted(table)})")
+    ckpts = {}
+    for m in models:
+        rel = table[m]
+        # Paths stay inside the release: no absolute paths or "..", which would read outside the folder/repo.
+        if not isinstance(rel, str) or rel.startswith("/") or ".." in Path(rel).parts:
+            raise CheckpointError(f"{path}: args.models[{m!r}] = {rel!r} is not a relative path inside the release")
+        ckpts[m] = rel
+    return pipeline, ckpts
+
+
+def read_trellis_release(folder_or_repo: str | os.PathLike = TRELLIS_REPO, models: Sequence[str] = TRELLIS_GS_MODELS,
+                         hub: bool = True) -> dict[str, tuple[str, dict, dict[str, torch.Tensor]]]:
+    """{model name: (class name, constructor args, state dict)} of a released TRELLIS pipeline (trellis spec §1).
+
+    pipeline.json's args.models maps each name to `ckpts/<ckpt>`; `ckpts/<ckpt>.json` is {"name": class, "args": {...}}
+    and `ckpts/<ckpt>.safetensors` the weights (float16 torsos, the rest float32; read as stored). `folder_or_repo` is
+    a local folder (read from there only) or, when no such folder exists and hub=True, a hub repo id (only the files
+    of `models` are downloaded). Any missing file is a CheckpointError naming all of them and how to provide them.
+    """
+    return {m: entry[:3] for m, entry in _read_release(folder_or_repo, models, hub).items()}
+
+
+def _read_release(folder_or_repo, models, hub) -> dict[str, tuple[str, dict, dict[str, torch.Tensor], Path]]:
+    src = _Release(folder_or_repo, hub)
+    _, ckpts = _read_pipeline(src, models)
+    wanted = [ckpts[m] + ext for m in models for ext in (".json", ".safetensors")]
+    found, missing = src.fetch(wanted)
+    if missing:
+        raise src.fail(missing, wanted)
+    out = {}
+    for m in models:
+        cfg_path, st_path = found[ckpts[m] + ".json"], found[ckpts[m] + ".safetensors"]
+        cfg = _read_json(cfg_path)
+        if not isinstance(cfg.get("name"), str) or not isinstance(cfg.get("args", {}), dict):
+            raise CheckpointError(f"{cfg_path}: expected {{\"name\": <class name>, \"args\": {{...}}}}, found keys "
+                                  f"{sorted(cfg)}")
+        out[m] = (cfg["name"], dict(cfg.get("args", {})), _read_safetensors(st_path), st_path)
+    return out
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    # safetensors only: a pickle (.pt) renamed to .safetensors is refused here rather than ever being unpickled.
+    try:
+        ok = _looks_like_safetensors(path)
+        tensors = load_file(str(path)) if ok else None
+    except Exception as exc:
+        raise CheckpointError(f"{path}: corrupt, truncated or not a safetensors file "
+                              f"({type(exc).__name__}: {str(exc).strip()[:200]})") from exc
+    if not ok:
+        raise CheckpointError(f"{path}: not a safetensors file (TRELLIS weights are read as safetensors only)")
+    if not tensors:
+        raise CheckpointError(f"{path}: the state dict is empty")
+    return tensors
+
+
+def build_trellis_model(class_name: str, args: Mapping, state_dict: Mapping[str, torch.Tensor],
+                        registry: Mapping[str, Callable[..., nn.Module]], source: str = "TRELLIS checkpoint") -> nn.Module:
+    """`registry[class_name](**args)` loaded strictly (load_state_dict_strict: values copied into the module's own
+    dtypes, so float16 files load into float32 modules). The caller supplies the registry, keeping this module free of
+    model imports. `source` (the ckpt's name or path) is named in every error."""
+    if class_name not in registry:
+        raise CheckpointError(f"{source}: unknown model class {class_name!r} (the registry has {sorted(registry)})")
+    try:
+        module = registry[class_name](**args)
+    except (TypeError, ValueError, NotImplementedError) as exc:  # args the class does not take or support
+        raise CheckpointError(f"{source}: cannot build {class_name}(**{dict(args)}): {exc}") from exc
+    return load_state_dict_strict(module, state_dict, source=source)
+
+
+def load_trellis_models(registry: Mapping[str, Callable[..., nn.Module]], folder_or_repo: str | os.PathLike = TRELLIS_REPO,
+                        models: Sequence[str] = TRELLIS_GS_MODELS, hub: bool = True) -> dict[str, nn.Module]:
+    """read_trellis_release + build_trellis_model for each model; build errors name the ckpt file and the model."""
+    release = _read_release(folder_or_repo, models, hub)
+    return {m: build_trellis_model(name, args, sd, registry, source=f"{path} ({m})")
+            for m, (name, args, sd, path) in release.items()}
 
 
 # ---------------------------------------------------------------------------------------------- helpers
