@@ -14,7 +14,8 @@ resized with PIL LANCZOS, a small difference).
 Extractors:
 - ``dinov2_vitl14_reg``: DINOv2 ViT-L/14 with 4 registers through ``transformers`` (hub
   ``facebook/dinov2-with-registers-large`` or a local folder), ImageNet normalisation, tokens taken BEFORE the
-  final LayerNorm (``x_prenorm``, the published default), registers dropped.
+  final LayerNorm (``x_prenorm``, the published default), registers dropped. ``trellis_condition`` gives the
+  TRELLIS image-to-3D condition from the same model: all tokens, CLS and registers first, affine-free LayerNorm.
 - ``patch``: weight-free and deterministic; per-patch colour statistics mapped to C channels by a fixed
   seeded projection. For tiny configurations, tests and the demo.
 """
@@ -111,7 +112,8 @@ class DinoV2Extractor(ImageFeatureExtractor):
         self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
 
-    def _encode(self, pixels):
+    def _prenorm(self, pixels):
+        """pixels (B, 3, S, S) in [0, 1] → x_prenorm (B, 1 + registers + g², C): CLS, registers, row-major patches."""
         x = ((pixels - self._mean) / self._std).to(self.dtype)
         out = self.model(pixel_values=x, output_hidden_states=True)
         # transformers: hidden_states = (embeddings, layer 1, ..., layer N); the final LayerNorm is applied only to
@@ -119,8 +121,29 @@ class DinoV2Extractor(ImageFeatureExtractor):
         if len(out.hidden_states) != self.model.config.num_hidden_layers + 1:
             raise RuntimeError(f"{self.name}: transformers returned {len(out.hidden_states)} hidden states, "
                                f"expected {self.model.config.num_hidden_layers + 1}")
-        prenorm = out.hidden_states[-1]                # (B, 1 + registers + g², C): CLS, registers, patches
+        return out.hidden_states[-1]
+
+    def _encode(self, pixels):
+        prenorm = self._prenorm(pixels)
         return prenorm[:, 1 + self.num_registers:], prenorm[:, 0]
+
+    @torch.no_grad()
+    def trellis_condition(self, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+        """TRELLIS's image condition (spec §3): images (B, 3, H, W) in [0, 1], the object premultiplied on black
+        (utils.matting.trellis_preprocess) → (B, 1 + registers + g², C) float32; (B, 1374, 1024) at 518².
+
+        All tokens in the model's own order [CLS, reg0..reg3, patches row-major], taken from x_prenorm (block N's
+        output, before DINOv2's final LayerNorm) and normalised by layer_norm over channels WITHOUT affine and with
+        eps 1e-5: the published pipeline ignores the model's final norm and its weights (spec §13 trap 1). The
+        unconditional branch is zeros of the same shape. Uses this extractor's model: no second copy is loaded.
+        """
+        images = self._check(images)
+        out = []
+        for start in range(0, images.shape[0], batch_size):
+            chunk = images[start:start + batch_size].to(self.device, torch.float32).clamp(0, 1)
+            prenorm = self._prenorm(resize_images(chunk, self.image_size)).float()
+            out.append(F.layer_norm(prenorm, prenorm.shape[-1:], eps=1e-5))
+        return torch.cat(out)
 
 
 def _load_dinov2(weights):

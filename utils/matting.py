@@ -253,3 +253,76 @@ def prepare_video_frames(path: str | os.PathLike, num_frames: int, start: int = 
     box = square_box(alpha, margin, reference)
     rgb, alpha = crop_square(frames, alpha, size=size, box=box)
     return VideoFrames(composite(rgb, alpha, bg, blur=False), alpha, fps, path, box, backend)
+
+
+# ----------------------------------------------------------------------------------------------- TRELLIS (spec §2)
+TRELLIS_SIZE = 518            # DINOv2's 37 × 14 input
+TRELLIS_MAX_SIDE = 1024       # opaque inputs are shrunk to this longer side before matting
+TRELLIS_ALPHA_CUT = 0.8 * 255  # bbox pixels: alpha > 204
+TRELLIS_SCALE = 1.2           # crop side / longer bbox side
+
+
+def trellis_crop_box(alpha: np.ndarray) -> tuple[float, float, float, float]:
+    """The crop box of spec §2 step 2 for a uint8 alpha (H, W): (x0, y0, x1, y1) in PIL's crop convention, may be .5.
+
+    Differs from square_box on purpose (that one follows the video pipeline): threshold alpha > 0.8·255 instead of
+    > 0.5, inclusive bbox ends, side int(1.2 · (max inclusive extent)) with halves of size//2 around the float centre,
+    no ceil; PIL's crop then rounds the float edges half-to-even.
+    """
+    ys, xs = np.nonzero(alpha > TRELLIS_ALPHA_CUT)
+    if len(xs) == 0:
+        raise ValueError("trellis_preprocess: no pixel with alpha > 0.8·255; nothing to crop around")
+    x0, x1, y0, y1 = int(xs.min()), int(xs.max()), int(ys.min()), int(ys.max())
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    size = int(TRELLIS_SCALE * max(x1 - x0, y1 - y0))
+    if size // 2 == 0:  # a 1-pixel object: the published code would crash on an empty crop
+        raise ValueError("trellis_preprocess: the object is too small to crop around (bbox under 2 pixels)")
+    return cx - size // 2, cy - size // 2, cx + size // 2, cy + size // 2
+
+
+def trellis_preprocess(image, alpha=None, matting: str = "auto", size: int = TRELLIS_SIZE) -> torch.Tensor:
+    """One image -> TRELLIS's conditioning image (3, size, size) float32 in [0, 1]: the object on black, premultiplied.
+
+    image: (H, W, 4) RGBA or (H, W, 3) RGB, uint8 or float in [0, 1] (numpy, torch or a PIL image); alpha: optional
+    (H, W) matte for an RGB image (uint8 or float), used like an alpha channel. Spec §2 step by step, with Pillow for
+    the crop and resizes so that the pixels match the published pipeline:
+    1. a not-all-opaque alpha is used as it is; otherwise the RGB image is shrunk (LANCZOS) to a longer side <= 1024 and
+       matted (matting: "auto" = rembg/u2net when usable as published, else the border-colour threshold matte;
+       or "rembg" / "threshold"). Our rembg path takes u2net's mask as alpha and keeps the RGB as is.
+    2. crop to trellis_crop_box (outside the image: transparent black);
+    3. resize the RGBA crop to size² with LANCZOS (Pillow filters RGBA premultiplied);
+    4. rgb · alpha in float32, then ×255 cast to uint8, which truncates (as published), on a black background.
+    The ImageNet normalisation of the encoder (§2 step 5) is left to DinoV2Extractor.
+    """
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGBA" if image.mode in ("RGBA", "LA", "P") else "RGB"))
+    x = to_uint8(np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image)[None])[0]
+    if x.ndim != 3 or x.shape[-1] not in (3, 4):
+        raise ValueError(f"trellis_preprocess: expected an image (H, W, 3 or 4), got {tuple(x.shape)}")
+    if alpha is not None:
+        a = np.asarray(alpha.detach().cpu() if isinstance(alpha, torch.Tensor) else alpha)
+        if a.shape != x.shape[:2]:
+            raise ValueError(f"trellis_preprocess: alpha {a.shape} does not match the image {x.shape[:2]}")
+        x = np.concatenate([x[..., :3], to_uint8(a[None, ..., None])[0]], -1)
+    if x.shape[-1] == 4 and (x[..., 3] < 255).any():
+        rgba = Image.fromarray(x, "RGBA")  # real transparency: no resize, no matting (the synthetic-data path)
+    else:
+        rgb = Image.fromarray(np.ascontiguousarray(x[..., :3]), "RGB")
+        scale = min(1.0, TRELLIS_MAX_SIDE / max(rgb.size))
+        if scale < 1:
+            rgb = rgb.resize((int(rgb.width * scale), int(rgb.height * scale)), Image.LANCZOS)
+        if matting not in ("auto", "rembg", "threshold"):
+            raise ValueError(f"trellis_preprocess: matting must be 'auto', 'rembg' or 'threshold', got {matting!r}")
+        frames = np.array(rgb)[None]  # writable: matte wraps it in a tensor
+        backend = "rembg" if matting == "rembg" or (matting == "auto" and rembg_problem() is None) else "threshold"
+        if matting == "auto" and backend == "threshold":
+            warnings.warn("trellis_preprocess: opaque image and rembg is not usable; using the border-colour threshold "
+                          "matte (plain backgrounds only)", stacklevel=2)
+        a = matte(frames, backend)[0].numpy()
+        rgba = Image.fromarray(np.concatenate([frames[0], to_uint8(a[None, ..., None])[0]], -1), "RGBA")
+    crop = rgba.crop(trellis_crop_box(np.asarray(rgba)[..., 3])).resize((size, size), Image.LANCZOS)
+    c = np.asarray(crop).astype(np.float32) / 255
+    out = (c[..., :3] * c[..., 3:] * 255).astype(np.uint8)  # truncation, not rounding: as published
+    return torch.from_numpy(out).permute(2, 0, 1).float() / 255
