@@ -3,6 +3,7 @@ weight-free patch encoder, and loading errors. DINOv2 is checked on a tiny rando
 import pytest
 import torch
 
+from tiny_dinov2 import IMAGE, PATCH, REGISTERS, save_tiny_dinov2
 from utils.image_features import IMAGENET_MEAN, IMAGENET_STD, get_extractor, resize_images
 
 
@@ -67,23 +68,10 @@ def test_resize_and_validation():
 
 
 # ----------------------------------------------------------------------------------------------- DINOv2
-IMAGE, PATCH, REGISTERS = 42, 14, 4
-
-
 @pytest.fixture(scope="module")
 def tiny_dinov2(tmp_path_factory):
-    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
-
-    torch.manual_seed(0)
-    cfg = Dinov2WithRegistersConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                    patch_size=PATCH, image_size=IMAGE, num_register_tokens=REGISTERS)
-    model = Dinov2WithRegistersModel(cfg).eval()
-    with torch.no_grad():  # random registers and CLS, so that taking the wrong token would show
-        model.embeddings.register_tokens.normal_()
-        model.embeddings.cls_token.normal_()
     folder = tmp_path_factory.mktemp("dinov2_tiny")
-    model.save_pretrained(folder)
-    return folder, model
+    return folder, save_tiny_dinov2(folder)
 
 
 def _reference_prenorm(model, images):

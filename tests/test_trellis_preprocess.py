@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from tiny_dinov2 import IMAGE, PATCH, REGISTERS, save_tiny_dinov2
 from utils.image_features import IMAGENET_MEAN, IMAGENET_STD, get_extractor
 from utils.matting import trellis_crop_box, trellis_preprocess
 
@@ -102,25 +103,10 @@ def test_opaque_image_goes_through_threshold_matte(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------- §3 condition
-IMAGE, PATCH, REGISTERS = 42, 14, 4
-
-
 @pytest.fixture(scope="module")
 def tiny_dinov2(tmp_path_factory):
-    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
-
-    torch.manual_seed(0)
-    cfg = Dinov2WithRegistersConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                    patch_size=PATCH, image_size=IMAGE, num_register_tokens=REGISTERS)
-    model = Dinov2WithRegistersModel(cfg).eval()
-    with torch.no_grad():  # distinct CLS/registers, and a non-trivial final-norm affine that must NOT be used
-        model.embeddings.register_tokens.normal_()
-        model.embeddings.cls_token.normal_()
-        model.layernorm.weight.uniform_(0.5, 2.0)
-        model.layernorm.bias.normal_()
     folder = tmp_path_factory.mktemp("dinov2_tiny_trellis")
-    model.save_pretrained(folder)
-    return folder, model
+    return folder, save_tiny_dinov2(folder, final_norm_affine=True)
 
 
 def test_condition_is_affine_free_layernorm_of_prenorm(tiny_dinov2):
