@@ -50,10 +50,10 @@ from utils.gaussians import Gaussians, write_ply_sequence
 from utils.image_features import get_extractor
 from utils.logging import report_failures
 from utils.losses import load_lpips
-from utils.matting import prepare_video_frames
+from utils.matting import prepare_video_frames, trellis_preprocess
 from utils.metrics import ImageMetrics
 from utils.render import rasterize
-from utils.video import VideoReadError, is_video_input, to_uint8, write_video
+from utils.video import VideoReadError, is_video_input, read_frames, to_uint8, write_video
 
 COND_VIEW, COND_BACKGROUND = 0, 0.0   # the video is view 0, composited on black as the training tokens (spec §1.7)
 PACK_FILES = {"dit": "dit.safetensors", "motion_vae": "motion_vae.safetensors", "static_vae": "static_vae.safetensors"}
@@ -74,6 +74,10 @@ def parse_args(argv=None):
     ap.add_argument("--static-vae", type=Path, help="needed for prepared samples without --canonical")
     ap.add_argument("--stats-dir", type=Path, help="the four latent statistics files (default: the pack)")
     ap.add_argument("--canonical", type=Path, help="canonical Gaussians: a PLY (one input) or a folder of <name>.ply")
+    ap.add_argument("--trellis", help="TRELLIS-image-large folder or hub repo (JeffreyXiang/TRELLIS-image-large): makes "
+                                      "the canonical Gaussians of videos without a --canonical PLY from their first frame")
+    ap.add_argument("--dinov2", type=Path, help="local DINOv2 ViT-L/14-reg folder for the TRELLIS condition "
+                                                "(default: the hub)")
     ap.add_argument("--num-frames", type=int, help="frames to animate (default sampling.num_frames, at most the input's)")
     ap.add_argument("--start", type=int, default=0, help="first video frame")
     ap.add_argument("--stride", type=int, default=1, help="video frame step")
@@ -100,6 +104,7 @@ class Models:
     cfg: object                       # the diffusion config
     extractor: object                 # image tokens of the video frames
     voxel_extractor: str              # the features the static VAE reads from a sample's voxels
+    image_to_3d: tuple | None = None  # (ImageTo3D, DINOv2 extractor), built on first use
 
 
 def _resolve(args) -> dict[str, Path | None]:
@@ -228,11 +233,44 @@ def sample_inputs(models: Models, job: Job, args, num_frames: int, device):
     return tokens, canonical, {"frames": t, "views": len(views), "canonical": str(ply) if ply else "static VAE"}
 
 
+def image_to_3d_stage(models: Models, args, device):
+    """The TRELLIS canonical stage (models/trellis/), loaded once from --trellis; decodes with the static VAE."""
+    if models.image_to_3d is None:
+        from models.trellis.image_to_3d import ImageTo3D
+        from models.trellis.slat_flow import SLatFlowModel
+        from models.trellis.ss_decoder import SparseStructureDecoder
+        from models.trellis.ss_flow import SparseStructureFlowModel
+        from utils.checkpoint import load_trellis_models, read_trellis_pipeline
+        if models.static_vae is None:
+            raise ValueError("the image-to-3D stage decodes with the GVF static VAE: give --static-vae or a pack with one")
+        registry = {c.__name__: c for c in (SparseStructureFlowModel, SparseStructureDecoder, SLatFlowModel)}
+        nets = {k: m.to(device).eval() for k, m in load_trellis_models(registry, args.trellis).items()}
+        norm = read_trellis_pipeline(args.trellis)["args"]["slat_normalization"]
+        stage = ImageTo3D(nets["sparse_structure_flow_model"], nets["sparse_structure_decoder"],
+                          nets["slat_flow_model"], models.static_vae, torch.tensor(norm["mean"]),
+                          torch.tensor(norm["std"]))
+        extractor = get_extractor("dinov2_vitl14_reg", device=device, weights=args.dinov2)
+        models.image_to_3d = (stage, extractor)
+    return models.image_to_3d
+
+
+@torch.no_grad()
+def canonical_from_frame(models: Models, job: Job, args, device) -> tuple[Gaussians, dict]:
+    """Canonical Gaussians made from the clip's first frame by the image-to-3D stage."""
+    stage, extractor = image_to_3d_stage(models, args, device)
+    first, _ = read_frames(job.path, start=args.start, stride=1, num_frames=1)
+    image = trellis_preprocess(first[0], matting=args.matting)
+    tokens = extractor.trellis_condition(image[None]).to(device)
+    seed = models.cfg.sampling.seed if args.seed is None else args.seed
+    gaussians, info = stage(tokens, seed=seed)
+    return gaussians, {"voxels": info["num_voxels"], "model_evaluations": info["nfe"], "seconds": info["seconds"]}
+
+
 def video_inputs(models: Models, job: Job, args, num_frames: int, device):
     ply = canonical_ply(args, job)
-    if ply is None:
-        raise ValueError(f"no canonical Gaussians for video {job.path}: give --canonical <file.ply> or a folder with "
-                         f"{job.name}.ply (the image-to-3D stage that would make them is not available yet)")
+    if ply is None and not args.trellis:
+        raise ValueError(f"no canonical Gaussians for video {job.path}: give --canonical <file.ply>, a folder with "
+                         f"{job.name}.ply, or --trellis <TRELLIS-image-large folder or repo> to make them")
     prepare = lambda n: prepare_video_frames(job.path, n, start=args.start, stride=args.stride,
                                              size=models.extractor.image_size, background=COND_BACKGROUND,
                                              matting=args.matting)
@@ -245,11 +283,16 @@ def video_inputs(models: Models, job: Job, args, num_frames: int, device):
             raise
         video = prepare(None)            # the default count is an upper bound: a shorter clip uses all its frames
     tokens = models.extractor(video.images)
-    canonical = Gaussians.load_ply(ply).to(device)
+    extra = {}
+    if ply is not None:
+        canonical = Gaussians.load_ply(ply).to(device)
+    else:
+        canonical, extra["image_to_3d"] = canonical_from_frame(models, job, args, device)
     ext, K = front_camera(device)
     a = align_to_silhouette(canonical, video.alpha[0, 0], ext, K)
     canonical = rotate_z(canonical, a.azimuth)
-    return tokens, canonical, {"frames": len(video.images), "canonical": str(ply), "matting": video.matting,
+    return tokens, canonical, {**extra, "frames": len(video.images), "canonical": str(ply) if ply else "image-to-3D",
+                               "matting": video.matting,
                                "fps": video.fps, "crop_box": list(video.box),
                                "alignment": {"azimuth_deg": a.azimuth, "scale": a.scale, "silhouette_iou": a.iou}}
 

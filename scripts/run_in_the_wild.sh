@@ -4,7 +4,7 @@
 #   scripts/run_in_the_wild.sh <videos folder> [--canonical DIR|FILE.ply] [--pack DIR] [--out DIR] [inference options]
 #
 # Canonical Gaussians: a PLY per video, <name>.ply beside the videos or in --canonical DIR (any image-to-3D tool's 3DGS
-# PLY works; the built-in image-to-3D stage is not available yet). Weights: --pack DIR (default assets/pack), or
+# PLY works), else made from the first frame by --trellis DIR|REPO (TRELLIS-image-large). Weights: --pack DIR (default assets/pack), or
 # --dit/--motion-vae/--stats-dir for other weights. Before anything runs, the script lists what is missing.
 # Outputs: <out>/<video name>/ (see inference_dpm_latent.py); exit status 1 if any video failed.
 set -euo pipefail
@@ -15,12 +15,13 @@ if [[ $# -lt 1 || "$1" == -* ]]; then
     exit 2
 fi
 videos=$1; shift
-canonical=""; pack=""; out=""; explicit_weights=0; rest=()
+canonical=""; pack=""; out=""; trellis=""; explicit_weights=0; rest=()
 while [[ $# -gt 0 ]]; do
     case $1 in
         --canonical) canonical=$2; shift 2 ;;
         --pack) pack=$2; shift 2 ;;
         --out) out=$2; shift 2 ;;
+        --trellis) trellis=$2; rest+=("$1" "$2"); shift 2 ;;
         --dit|--motion-vae|--stats-dir) explicit_weights=1; rest+=("$1" "$2"); shift 2 ;;
         *) rest+=("$1"); shift ;;
     esac
@@ -54,8 +55,8 @@ for v in "$videos"/*; do
     fi
     count=$((count + 1))
     if [[ -f $canonical_dir ]]; then :
-    elif [[ ! -f $canonical_dir/$stem.ply ]]; then
-        problems+=("canonical: no $canonical_dir/$stem.ply for video $name (make one with an image-to-3D tool from its first frame; the built-in TRELLIS stage is not available yet)")
+    elif [[ ! -f $canonical_dir/$stem.ply && -z $trellis ]]; then
+        problems+=("canonical: no $canonical_dir/$stem.ply for video $name (give --trellis <TRELLIS-image-large folder or repo> to make it from the first frame, or a PLY from any image-to-3D tool)")
     fi
 done
 [[ $count -gt 0 ]] || problems+=("input: no videos or frame folders in $videos")

@@ -129,3 +129,59 @@ def test_videos_with_canonical_and_a_corrupt_one(world, capsys):
     assert abs(az - 270.0) <= 15.0 and summary["alignment"]["silhouette_iou"] > 0.6, summary["alignment"]
     assert len(list((out / "good" / "ply").glob("*.ply"))) == 6
     assert not (out / "broken").exists() or not (out / "broken" / "summary.json").exists()
+
+
+def _tiny_trellis_release(folder):
+    """A TRELLIS-layout release of tiny random networks whose occupancy grid (32³) and latent width (8) fit the tiny
+    static VAE, and whose condition width (32) is the tiny DINOv2's."""
+    from safetensors.torch import save_file
+
+    from models.trellis.slat_flow import SLatFlowModel
+    from models.trellis.ss_decoder import SparseStructureDecoder
+    from models.trellis.ss_flow import SparseStructureFlowModel
+    specs = {
+        "sparse_structure_flow_model": (SparseStructureFlowModel, dict(
+            resolution=8, in_channels=8, out_channels=8, model_channels=32, cond_channels=32, num_blocks=1,
+            num_heads=2)),
+        "sparse_structure_decoder": (SparseStructureDecoder, dict(
+            out_channels=1, latent_channels=8, num_res_blocks=1, channels=[16, 8, 8], num_res_blocks_middle=1)),
+        "slat_flow_model": (SLatFlowModel, dict(
+            resolution=32, in_channels=8, out_channels=8, model_channels=32, cond_channels=32, num_blocks=1,
+            num_heads=2, patch_size=2, num_io_res_blocks=1, io_block_channels=[16])),
+    }
+    (folder / "ckpts").mkdir(parents=True)
+    table = {}
+    torch.manual_seed(3)
+    for name, (cls, args) in specs.items():
+        model = cls(**args)
+        if name == "sparse_structure_decoder":  # a negative logit bias: a few hundred occupied voxels keep it fast
+            with torch.no_grad():
+                model.out_layer[-1].bias.fill_(-0.4)
+        table[name] = f"ckpts/{name}"
+        (folder / f"ckpts/{name}.json").write_text(json.dumps({"name": cls.__name__, "args": args}))
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / f"ckpts/{name}.safetensors")
+    (folder / "pipeline.json").write_text(json.dumps({"name": "TrellisImageTo3DPipeline", "args": {
+        "models": table, "slat_normalization": {"mean": [0.0] * 8, "std": [1.0] * 8}}}))
+
+
+def test_video_without_canonical_uses_the_image_to_3d_stage(world, tmp_path):
+    from tiny_dinov2 import save_tiny_dinov2
+    root, data, pack = world
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    name = layout.list_samples(data)[0]
+    frames = [np.asarray(Image.open(layout.image_path(data / name, t, 0)).convert("RGB")) for t in range(8)]
+    write_video(videos / "clip.mp4", np.stack(frames), fps=8)
+    save_tiny_dinov2(tmp_path / "dinov2")
+    out = tmp_path / "out"
+    # Without the TRELLIS files: the clip fails with a message naming what is missing.
+    assert _run("--pack", pack, "--input", videos, "--out", out, "--trellis", tmp_path / "no_trellis",
+                "--dinov2", tmp_path / "dinov2", "--matting", "threshold") == 1
+    _tiny_trellis_release(tmp_path / "trellis")
+    status = _run("--pack", pack, "--input", videos, "--out", out, "--trellis", tmp_path / "trellis",
+                  "--dinov2", tmp_path / "dinov2", "--matting", "threshold")
+    summary = json.loads((out / "clip" / "summary.json").read_text())
+    assert status == 0 and summary["canonical"] == "image-to-3D"
+    stage = summary["image_to_3d"]
+    assert stage["voxels"] > 0 and summary["gaussians"] == 8 * stage["voxels"]   # 8 Gaussians per occupied voxel
+    assert stage["model_evaluations"]["ss"] > 0 and len(list((out / "clip" / "ply").glob("*.ply"))) == 8
