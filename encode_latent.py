@@ -39,7 +39,7 @@ from utils.fileio import atomic_write
 from utils.image_features import get_extractor
 from utils.logging import report_failures
 from utils.pointcloud import farthest_point_sample, gather_points
-from utils.training import resolve_checkpoint
+from utils.training import resolve_checkpoint, weights_file
 
 COND_VIEW = 0          # the front view is the video (spec §1.7)
 COND_BACKGROUND = 0.0  # black, as the published training features (spec §1.7, §10.5)
@@ -69,7 +69,7 @@ def parse_args(argv=None):
 def vae_weights(args) -> tuple[Path, Path]:
     if args.vae_run:
         folder = resolve_checkpoint(args.vae_run, args.vae_run)  # a checkpoint folder, or the newest under a run
-        static, motion = (folder / f"{args.weights}_{m}.safetensors" for m in ("static_vae", "motion_vae"))
+        static, motion = (weights_file(folder, m, args.weights) for m in ("static_vae", "motion_vae"))
         return args.static_vae or static, args.motion_vae or motion
     if not (args.static_vae and args.motion_vae):
         raise SystemExit("encode_latent.py: give --vae-run, or both --static-vae and --motion-vae")

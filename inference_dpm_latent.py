@@ -43,7 +43,7 @@ from models.static_vae import StaticVAE
 from utils.alignment import align_to_silhouette, rotate_z
 from utils.animate import MotionStage
 from utils.cameras import BLENDER_DEFAULT_FOV, intrinsics_from_fov, load_blender_camera, orbit_cameras, published_views
-from utils.checkpoint import load_checkpoint, load_weights
+from utils.checkpoint import load_state_dict_strict, read_weights
 from utils.config import load_config
 from utils.fileio import atomic_write
 from utils.gaussians import Gaussians, write_ply_sequence
@@ -124,9 +124,9 @@ def _resolve(args) -> dict[str, Path | None]:
 
 def _build(make, path: Path, yaml_block):
     """make(config) -> model, from our checkpoint's embedded config, or the YAML block for published weights."""
-    config = load_checkpoint(path)[1] if path.suffix == ".safetensors" else yaml_block
-    model = make(config)
-    load_weights(model, path)
+    sd, config = read_weights(path)  # one read of the file for both
+    model = make(config or yaml_block)
+    load_state_dict_strict(model, sd, source=str(path))
     return model
 
 

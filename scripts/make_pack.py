@@ -17,9 +17,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datasets import layout  # noqa: E402
+from inference_dpm_latent import PACK_FILES  # noqa: E402  (the names inference --pack reads)
 from utils.config import load_config  # noqa: E402
 from utils.fileio import atomic_write  # noqa: E402
-from utils.training import resolve_checkpoint  # noqa: E402
+from utils.training import resolve_checkpoint, weights_file  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -38,9 +39,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"{args.out} is not empty; pass --overwrite to replace its files")
     args.out.mkdir(parents=True, exist_ok=True)
     vae, dit = resolve_checkpoint(args.vae_run, args.vae_run), resolve_checkpoint(args.dit_run, args.dit_run)
-    copies = {"static_vae.safetensors": vae / f"{args.weights}_static_vae.safetensors",
-              "motion_vae.safetensors": vae / f"{args.weights}_motion_vae.safetensors",
-              "dit.safetensors": dit / f"{args.weights}_dit.safetensors"}
+    copies = {PACK_FILES[m]: weights_file(run, m, args.weights)
+              for m, run in (("static_vae", vae), ("motion_vae", vae), ("dit", dit))}
     copies.update({layout.latent_stats_path(".", w).name: layout.latent_stats_path(args.stats_dir, w)
                    for w in layout.LATENT_STATS})
     for name, src in copies.items():

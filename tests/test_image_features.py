@@ -3,8 +3,9 @@ weight-free patch encoder, and loading errors. DINOv2 is checked on a tiny rando
 import pytest
 import torch
 
-from tiny_dinov2 import IMAGE, PATCH, REGISTERS, save_tiny_dinov2
-from utils.image_features import IMAGENET_MEAN, IMAGENET_STD, get_extractor, resize_images
+from tiny_dinov2 import (IMAGE, PATCH, REGISTERS, attention_free_extractor, patch_pair, reference_prenorm,
+                         save_tiny_dinov2)
+from utils.image_features import get_extractor, resize_images
 
 
 def _ramp(size, batch=1):
@@ -74,21 +75,6 @@ def tiny_dinov2(tmp_path_factory):
     return folder, save_tiny_dinov2(folder)
 
 
-def _reference_prenorm(model, images):
-    """The model's own input to its final LayerNorm (x_prenorm), captured by a hook, and its normed output."""
-    seen = {}
-
-    def keep_input(module, args, output):  # returns None: a forward hook's return value would replace the output
-        seen["x"] = args[0]
-
-    hook = model.layernorm.register_forward_hook(keep_input)
-    pixels = (images - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    with torch.no_grad():
-        out = model(pixel_values=pixels)
-    hook.remove()
-    return seen["x"], out.last_hidden_state
-
-
 def test_dinov2_token_layout(tiny_dinov2):
     folder, model = tiny_dinov2
     e = get_extractor("dinov2_vitl14_reg", weights=folder, image_size=IMAGE)
@@ -97,7 +83,7 @@ def test_dinov2_token_layout(tiny_dinov2):
     images = torch.rand(3, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(1))
     tokens = e(images, batch_size=2)
     assert tokens.shape == (3, g * g + 1, 32)
-    prenorm, normed = _reference_prenorm(model, images)
+    prenorm, normed = reference_prenorm(model, images)
     assert prenorm.shape[1] == 1 + REGISTERS + g * g
     assert torch.allclose(tokens[:, :-1], prenorm[:, 1 + REGISTERS:], atol=1e-5)   # patches, registers skipped
     assert torch.allclose(tokens[:, -1], prenorm[:, 0], atol=1e-5)                 # CLS last
@@ -112,14 +98,8 @@ def test_dinov2_token_layout(tiny_dinov2):
 def test_dinov2_patch_order_is_row_major(tiny_dinov2):
     """With the attention branches switched off every token depends on its own patch only: changing the image
     patch at row 1, column 2 must change token 1·g + 2 and no other patch token."""
-    folder, _ = tiny_dinov2
-    e = get_extractor("dinov2_vitl14_reg", weights=folder, image_size=IMAGE)
-    with torch.no_grad():
-        for layer in e.model.encoder.layer:
-            layer.layer_scale1.lambda1.zero_()
-    img = torch.full((1, 3, IMAGE, IMAGE), 0.5)
-    img2 = img.clone()
-    img2[:, :, PATCH:2 * PATCH, 2 * PATCH:3 * PATCH] = torch.rand(3, PATCH, PATCH)
+    e = attention_free_extractor(tiny_dinov2[0])
+    img, img2 = patch_pair()
     changed = (e(img) - e(img2))[0, :-1].abs().amax(dim=1) > 1e-6
     assert changed.nonzero().flatten().tolist() == [1 * (IMAGE // PATCH) + 2]
 

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from tiny_dinov2 import IMAGE, PATCH, REGISTERS, save_tiny_dinov2
-from utils.image_features import IMAGENET_MEAN, IMAGENET_STD, get_extractor
+from tiny_dinov2 import (IMAGE, PATCH, REGISTERS, attention_free_extractor, patch_pair, reference_prenorm,
+                         save_tiny_dinov2)
+from utils.image_features import get_extractor
 from utils.matting import trellis_crop_box, trellis_preprocess
 
 COLOUR = (200, 100, 50)
@@ -117,13 +118,7 @@ def test_condition_is_affine_free_layernorm_of_prenorm(tiny_dinov2):
     g = IMAGE // PATCH
     assert cond.shape == (3, 1 + REGISTERS + g * g, 32) and cond.dtype == torch.float32
 
-    seen = {}
-    hook = model.layernorm.register_forward_hook(lambda m, args, out: seen.__setitem__("x", args[0]))
-    pixels = (images - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    with torch.no_grad():
-        normed = model(pixel_values=pixels).last_hidden_state
-    hook.remove()
-    x = seen["x"]                                             # block N's output, the final norm's input
+    x, normed = reference_prenorm(model, images)              # block N's output, the final norm's input
     ref = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
     assert torch.allclose(cond, ref, atol=1e-5)
     assert not torch.allclose(cond, normed, atol=1e-2)        # not the model's own (affine) final norm
@@ -137,14 +132,8 @@ def test_condition_is_affine_free_layernorm_of_prenorm(tiny_dinov2):
 def test_condition_token_order(tiny_dinov2):
     """With attention switched off each token depends only on its own input: CLS and registers (positions 0..4)
     ignore the image, and changing image patch (row 1, column 2) changes token 1 + 4 + 1·g + 2 only."""
-    folder, _ = tiny_dinov2
-    e = get_extractor("dinov2_vitl14_reg", weights=folder, image_size=IMAGE)
-    with torch.no_grad():
-        for layer in e.model.encoder.layer:
-            layer.layer_scale1.lambda1.zero_()
-    img = torch.full((1, 3, IMAGE, IMAGE), 0.5)
-    img2 = img.clone()
-    img2[:, :, PATCH:2 * PATCH, 2 * PATCH:3 * PATCH] = torch.rand(3, PATCH, PATCH)
+    e = attention_free_extractor(tiny_dinov2[0])
+    img, img2 = patch_pair()
     a, b = e.trellis_condition(img), e.trellis_condition(img2)
     changed = (a - b)[0].abs().amax(dim=1) > 1e-6
     g = IMAGE // PATCH

@@ -151,7 +151,7 @@ def test_hub_repo_downloads_only_the_needed_files(release, monkeypatch, tmp_path
             raise FileNotFoundError(f"404 {filename}")
         return str(path)
 
-    monkeypatch.setattr(ck, "_hub_file", fake_hub)
+    monkeypatch.setattr(ck, "hub_file", fake_hub)
     monkeypatch.chdir(tmp_path)  # so "someone/tiny-trellis" is surely not a local folder
     got = read_trellis_release("someone/tiny-trellis", MODELS)
     assert asked == [("someone/tiny-trellis", f) for f in ["pipeline.json", "ckpts/ss_flow_tiny.json",
@@ -170,7 +170,7 @@ def test_unreachable_hub_says_what_is_missing_and_how_to_provide_it(monkeypatch,
     def offline(repo_id, filename):
         raise OSError("huggingface.co unreachable (timed out)")
 
-    monkeypatch.setattr(ck, "_hub_file", offline)
+    monkeypatch.setattr(ck, "hub_file", offline)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointError) as e:
         read_trellis_release()  # the default: JeffreyXiang/TRELLIS-image-large, the three models GVFDiffusion uses

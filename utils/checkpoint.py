@@ -32,7 +32,7 @@ from utils.fileio import atomic_write
 __all__ = ["CheckpointError", "load_published", "save_published", "save_checkpoint", "load_checkpoint",
            "load_state_dict_strict", "check_state_dict", "mismatch_report", "summarize", "map_trellis_slat",
            "read_weights", "load_weights", "read_trellis_pipeline", "read_trellis_release", "build_trellis_model",
-           "load_trellis_models", "TRELLIS_REPO", "TRELLIS_GS_MODELS"]
+           "load_trellis_models", "hub_file", "TRELLIS_REPO", "TRELLIS_GS_MODELS"]
 
 FORMAT = "gvfdiffusion-checkpoint"
 FORMAT_VERSION = "1"
@@ -273,13 +273,14 @@ def map_trellis_slat(state_dict: Mapping[str, torch.Tensor], part: str) -> dict[
     return out
 
 
-def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state dict from either format: our safetensors checkpoint (any model_*/ema_* file of a training run) or a
-    published `.pt` (weights only, `module.` stripped)."""
+def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(state dict, embedded model config) from either format: our safetensors checkpoint (any model_*/ema_* file of
+    a training run) or a published `.pt` (weights only, `module.` stripped; no config: None)."""
     path = Path(path)
     if path.is_file() and _looks_like_safetensors(path):
-        return load_checkpoint(path)[0]
-    return load_published(path)
+        sd, config, _ = load_checkpoint(path)
+        return sd, config
+    return load_published(path), None
 
 
 def load_weights(module: nn.Module, path: str | os.PathLike, drop_mismatched: Sequence[str] = ()) -> list[str]:
@@ -290,7 +291,7 @@ def load_weights(module: nn.Module, path: str | os.PathLike, drop_mismatched: Se
     SLat decoder has a 448-channel (32 Gaussians) out_layer and its own perturbation, which our 8-Gaussian model
     replaces by a fresh zero-initialised 112-channel out_layer and its own Hammersley offsets.
     """
-    sd = read_weights(path)
+    sd, _ = read_weights(path)
     own = module.state_dict()
     dropped: list[str] = []
     if drop_mismatched and any(k in sd and k in own and sd[k].shape != own[k].shape for k in drop_mismatched):
@@ -315,8 +316,9 @@ _TRELLIS_KNOWN_CKPTS = {"sparse_structure_flow_model": "ckpts/ss_flow_img_dit_L_
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-def _hub_file(repo_id: str, filename: str) -> str:
-    """Local path of a hub file (huggingface_hub's cache first); separate so tests can replace it."""
+def hub_file(repo_id: str, filename: str) -> str:
+    """Local path of a hub file: huggingface_hub's cache first, then a download if the hub answers (every hub file
+    the project reads comes through here). Modules call it through their own name so tests can replace it."""
     import socket
     from urllib.parse import urlparse
 
@@ -358,7 +360,7 @@ class _Release:
                     missing.append(f"{path} (not found)")
                 continue
             try:
-                found[rel] = Path(_hub_file(self.name, rel))
+                found[rel] = Path(hub_file(self.name, rel))
             except Exception as e:  # offline, unknown repo, missing file: all mean "not from the hub"
                 missing.append(f"{self.name}/{rel} (hub: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
         return found, missing

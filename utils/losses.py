@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.checkpoint import hub_file as _hub_download  # module-level name: tests replace it
 from utils.pointcloud import interpolate_displacements
 
 
@@ -342,25 +343,6 @@ class LPIPS(nn.Module):
         for f in files:
             state.update(_to_lpips_layout(_read_tensor_file(Path(f)), str(f)))
         return cls().load_weights(state, source)
-
-
-def _hub_download(repo_id: str, filename: str) -> str:
-    """Local path of a hub file (huggingface_hub's cache first); separate so tests can replace it."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants, hf_hub_download
-    try:
-        return hf_hub_download(repo_id=repo_id, filename=filename, local_files_only=True)
-    except Exception:
-        pass
-    # One quick connection attempt first: offline, huggingface_hub retries for about 20 s before giving up.
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
-    except OSError as e:
-        raise OSError(f"{url.hostname} unreachable ({e})") from None
-    return hf_hub_download(repo_id=repo_id, filename=filename)
 
 
 _lpips_warned = False

@@ -70,7 +70,7 @@ from utils.checkpoint import CheckpointError, check_state_dict, load_checkpoint,
 from utils.fileio import fsync_dir
 
 __all__ = ["LoopConfig", "TrainLoop", "TrainResult", "ResumableSampler", "EMA", "NonFiniteLossError",
-           "warmup_factor", "seed_everything", "resolve_checkpoint", "list_checkpoints"]
+           "warmup_factor", "seed_everything", "resolve_checkpoint", "list_checkpoints", "weights_file"]
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -344,6 +344,13 @@ def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[tuple[int, Path]]:
             if m and p.is_dir():
                 found.append((int(m.group(1)), p))
     return sorted(found)
+
+
+def weights_file(folder: str | os.PathLike, name: str, kind: str = "ema") -> Path:
+    """The weights of model `name` in a checkpoint folder: kind "model" (live) or "ema"."""
+    if kind not in ("model", "ema"):
+        raise ValueError(f"weights kind must be 'model' or 'ema', got {kind!r}")
+    return Path(folder) / f"{kind}_{name}.safetensors"
 
 
 def resolve_checkpoint(where: str | os.PathLike, ckpt_dir: str | os.PathLike) -> Path | None:
@@ -718,7 +725,7 @@ class TrainLoop:
                 extra = {"step": self.step, "weights": kind}
                 if kind == "ema":
                     extra["ema_rate"] = self.emas[model].rate
-                save_checkpoint(tmp / f"{what}.safetensors", sd, config=self.model_configs[model], extra=extra)
+                save_checkpoint(weights_file(tmp, model, kind), sd, config=self.model_configs[model], extra=extra)
             state = {
                 "format": STATE_FORMAT, "version": 1, "step": self.step, "epoch": self.epoch,
                 "sampler": self.sampler.state_dict(), "world_size": self.world_size,
@@ -759,8 +766,8 @@ class TrainLoop:
         """Restore everything from a checkpoint folder: live weights (never the EMA), EMA, optimisers, scaler,
         counters, data position and RNG. Raises CheckpointError naming what is missing or does not match."""
         folder = Path(folder)
-        needed = [STATE_FILE] + [f"model_{n}.safetensors" for n in self.raw_models] + \
-                 [f"ema_{n}.safetensors" for n in self.emas]
+        needed = [STATE_FILE] + [weights_file(".", n, "model").name for n in self.raw_models] + \
+                 [weights_file(".", n, "ema").name for n in self.emas]
         missing = [f for f in needed if not (folder / f).is_file()]
         if missing:
             raise CheckpointError(f"{folder}: incomplete or not a checkpoint of these models; missing {missing}")
@@ -781,14 +788,14 @@ class TrainLoop:
                         + "\n  ".join(changed))
 
         for name, model in self.raw_models.items():
-            path = folder / f"model_{name}.safetensors"
+            path = weights_file(folder, name, "model")
             sd, config, _ = load_checkpoint(path)
             diff = _config_diff(config, json.loads(json.dumps(self.model_configs[name])))
             if diff:
                 raise CheckpointError(f"{path}: the model config differs from this run's:\n  " + "\n  ".join(diff))
             load_state_dict_strict(model, sd, source=str(path))
         for name, ema in self.emas.items():
-            path = folder / f"ema_{name}.safetensors"
+            path = weights_file(folder, name, "ema")
             ema.load_state_dict(load_checkpoint(path)[0], source=str(path))
         for name, opt in self.optimizers.items():
             try:
