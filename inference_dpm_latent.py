@@ -334,13 +334,11 @@ def write_outputs(out: Path, canonical: Gaussians, delta: torch.Tensor, s, fps: 
     return {"ply_frames": t, "gaussians": len(canonical)}
 
 
-@torch.no_grad()
-def ground_truth_metrics(job: Job, canonical: Gaussians, delta: torch.Tensor, metrics: ImageMetrics, device) -> dict:
-    """Per frame, the mean over the held-out views (all but view 0) of PSNR / SSIM (/ LPIPS) against the renders."""
-    t = delta.shape[0]
-    frames = canonical.apply_delta(delta)
-    per_frame = []
-    for i in range(t):
+def held_out_views(job: Job, num_frames: int, device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per frame, the ground truth of the views not given to the model (all but view 0): images (V, 3, H, W) on
+    white, extrinsics (V, 4, 4), intrinsics (V, 3, 3). Read once, scored against any number of animations."""
+    out = []
+    for i in range(num_frames):
         views = sorted(int(p.stem.split("_view_")[1]) for p in job.path.glob(f"imgs/timestep_{i:02d}_view_*.png"))
         held_out = [v for v in views if v != COND_VIEW]
         if not held_out:
@@ -351,16 +349,24 @@ def ground_truth_metrics(job: Job, canonical: Gaussians, delta: torch.Tensor, me
             gts.append(composite(rgb, alpha, 1.0, blur=False))
             e, k = load_blender_camera(layout.camera_path(job.path, i, v), rgb.shape[2], rgb.shape[1])
             exts.append(e), ks.append(k)
-        gt = torch.stack(gts).to(device)
+        out.append((torch.stack(gts).to(device), torch.stack(exts).to(device), torch.stack(ks).to(device)))
+    return out
+
+
+@torch.no_grad()
+def ground_truth_metrics(views, canonical: Gaussians, delta: torch.Tensor, metrics: ImageMetrics) -> dict:
+    """Per frame, the mean over the held-out `views` (held_out_views) of PSNR / SSIM (/ LPIPS) against the renders."""
+    frames = canonical.apply_delta(delta)
+    per_frame = []
+    for i, (gt, ext, K) in enumerate(views):
         size = gt.shape[-1]
-        pred = rasterize(frames.map(lambda x: x[i]), torch.stack(exts).to(device), torch.stack(ks).to(device),
-                         size, size, background=1.0).rgb.movedim(-1, -3)
+        pred = rasterize(frames.map(lambda x: x[i]), ext, K, size, size, background=1.0).rgb.movedim(-1, -3)
         per_frame.append({k: float(v.mean()) for k, v in metrics(pred, gt).items()})
     keys = per_frame[0].keys()
     later = per_frame[1:] or per_frame
     return {"per_frame": per_frame, "mean": {k: float(np.mean([f[k] for f in per_frame])) for k in keys},
             "mean_after_first": {k: float(np.mean([f[k] for f in later])) for k in keys},
-            "views_per_frame": len(held_out)}
+            "views_per_frame": len(views[-1][0])}
 
 
 def run_job(job: Job, models: Models, args, metrics: ImageMetrics | None, device) -> dict:
@@ -390,7 +396,8 @@ def run_job(job: Job, models: Models, args, metrics: ImageMetrics | None, device
                                                           if device.type == "cuda" else None)}
     if metrics is not None and job.kind == "sample":
         t0 = time.perf_counter()
-        summary["metrics"] = ground_truth_metrics(job, canonical, result.delta, metrics, device)
+        views = held_out_views(job, result.delta.shape[0], device)
+        summary["metrics"] = ground_truth_metrics(views, canonical, result.delta, metrics)
         seconds["metrics"] = time.perf_counter() - t0
     atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1)), overwrite=True)
     return summary

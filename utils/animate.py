@@ -17,7 +17,6 @@ from typing import Mapping
 import torch
 
 from models.dpm_solver import sample, sample_kwargs
-from models.motion_vae import pad_gaussians
 from utils.gaussians import Gaussians
 from utils.pointcloud import farthest_point_sample, gather_points
 
@@ -47,10 +46,9 @@ class MotionStage:
         self.sampling = sample_kwargs(sampling)
         self.num_static_cond, self.normalize_position_xyz, self.dtype = num_static_cond, normalize_position_xyz, dtype
 
-    def condition(self, canonical: Gaussians, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """DiT conditions for one object, batch 1: cond_images (1, T, L, C), static_latent (1, S, 14),
-        deformation_position_xyz (1, num_latents, 3)."""
-        cond = canonical.to_condition().float()[None].to(self.device)                       # (1, N, 14)
+    def condition(self, cond: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """DiT conditions for one object from its canonical Gaussians in the condition layout, cond (1, N, 14):
+        cond_images (1, T, L, C), static_latent (1, S, 14), deformation_position_xyz (1, num_latents, 3)."""
         n, s = cond.shape[1], self.num_static_cond
         if n < max(s, self.motion_vae.num_latents):
             raise ValueError(f"the canonical has {n} Gaussians; the models need at least "
@@ -73,7 +71,8 @@ class MotionStage:
         dev, seconds = self.device, {}
         _sync(dev)
         t0 = time.perf_counter()
-        cond = self.condition(canonical, tokens)
+        gaussians = canonical.to_condition().float()[None].to(dev)   # (1, N, 14): FPS sets and decoder queries
+        cond = self.condition(gaussians, tokens)
         frames, L, C = tokens.shape[0], self.motion_vae.num_latents, self.motion_vae.latent_dim
         gen = torch.Generator(dev).manual_seed(seed)
         x_T = torch.randn(1, frames, L, C, generator=gen, device=dev)
@@ -88,9 +87,8 @@ class MotionStage:
         seconds["sampling"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        queries, _ = pad_gaussians([canonical.to_condition().float().to(dev)])
         with torch.autocast(dev.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            delta = self.motion_vae.decode(latents, queries)[0].float()                   # (T, N, 14)
+            delta = self.motion_vae.decode(latents, gaussians)[0].float()                 # (T, N, 14)
         _sync(dev)
         seconds["decoding"] = time.perf_counter() - t0
         return MotionResult(delta, latents[0], int(info["nfe"]), seconds)
