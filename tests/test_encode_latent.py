@@ -55,7 +55,6 @@ def test_latents_hold_the_posterior_and_the_canonical_gaussians(data, weights):
     wdir, static, motion = weights
     assert _run(data, wdir, "data.num_points=8192") == 0  # every stored point, so a direct encode can check the latents
     names = layout.list_samples(data)
-    cfg = load_config(VAE)
     for name in names:
         lat = torch.load(layout.latent_path(data, name), weights_only=True)
         assert {k: tuple(v.shape) for k, v in lat.items() if k != "static_gs_feats" and k != "static_gs_coords"} == {

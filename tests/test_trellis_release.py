@@ -1,10 +1,9 @@
 """Loading a released TRELLIS folder layout (pipeline.json + ckpts/<name>.json + .safetensors) via utils/checkpoint.py."""
 import json
-import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import utils.checkpoint as ck
 from models.trellis.ss_decoder import SparseStructureDecoder

@@ -784,7 +784,7 @@ class TrainLoop:
                 raise CheckpointError(f"{folder}: the checkpoint has {what} {saved}, this run has {ours}")
         changed = _config_diff(state["config"], self.run_config)
         if changed:
-            self._print(f"resume: the run config differs from the checkpoint's (the current values apply):\n  "
+            self._print("resume: the run config differs from the checkpoint's (the current values apply):\n  "
                         + "\n  ".join(changed))
 
         for name, model in self.raw_models.items():
