@@ -248,7 +248,7 @@ def image_to_3d_stage(models: Models, args, device):
         norm = read_trellis_pipeline(args.trellis)["args"]["slat_normalization"]
         stage = ImageTo3D(nets["sparse_structure_flow_model"], nets["sparse_structure_decoder"],
                           nets["slat_flow_model"], models.static_vae, torch.tensor(norm["mean"]),
-                          torch.tensor(norm["std"]))
+                          torch.tensor(norm["std"]), autocast_dtype=torch.float16)  # the released fp16 precision
         extractor = get_extractor("dinov2_vitl14_reg", device=device, weights=args.dinov2)
         models.image_to_3d = (stage, extractor)
     return models.image_to_3d

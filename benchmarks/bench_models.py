@@ -33,6 +33,19 @@ def dit_inputs(cfg, batch, frames, device):
 COMPILE = False
 
 
+def timed(run, args, device):
+    """measure(), then with --profile a kernel table of three more calls (where the GPU time goes)."""
+    result = measure(run, args.repeats, device)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                run()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90))
+    return result
+
+
 def randomise(model):
     """Random weights everywhere (the zero-initialised layers too), so no branch is trivially zero."""
     with torch.no_grad():
@@ -53,7 +66,7 @@ def case_dit_forward(args, device):
     def run():
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16):
             model(*x)
-    return f"DiT forward, T={args.frames}, batch 1", *measure(run, args.repeats, device)
+    return f"DiT forward, T={args.frames}, batch 1", *timed(run, args, device)
 
 
 def case_dit_train(args, device):
@@ -69,7 +82,7 @@ def case_dit_train(args, device):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return "DiT training step (fwd+bwd+AdamW), T=24, batch 2", *measure(run, args.repeats, device)
+    return "DiT training step (fwd+bwd+AdamW), T=24, batch 2", *timed(run, args, device)
 
 
 def vae_inputs(cfg, batch, frames, gaussians, device):
@@ -91,7 +104,7 @@ def case_vae_decode(args, device):
     def run():
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16):
             decode(z, gs)
-    return f"motion-VAE decode, {args.gaussians} Gaussians x {args.frames} frames", *measure(run, args.repeats, device)
+    return f"motion-VAE decode, {args.gaussians} Gaussians x {args.frames} frames", *timed(run, args, device)
 
 
 def case_vae_train(args, device):
@@ -108,7 +121,7 @@ def case_vae_train(args, device):
         opt.step()
         opt.zero_grad(set_to_none=True)
     return (f"motion-VAE training step (encode+decode+bwd+AdamW), batch 2, {args.train_frames} frame(s), "
-            f"{args.train_gaussians} Gaussians"), *measure(run, args.repeats, device)
+            f"{args.train_gaussians} Gaussians"), *timed(run, args, device)
 
 
 def shell_voxels(count: int, resolution: int, device) -> torch.Tensor:
@@ -133,7 +146,7 @@ def case_static_encode(args, device):
     def run():
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16):
             model.encode(x)
-    return f"static-VAE encode, 64³, {args.voxels} voxels", *measure(run, args.repeats, device)
+    return f"static-VAE encode, 64³, {args.voxels} voxels", *timed(run, args, device)
 
 
 def case_static_decode(args, device):
@@ -143,7 +156,7 @@ def case_static_decode(args, device):
     def run():
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16):
             model.to_gaussians(model.decode(z))
-    return f"static-VAE decode to Gaussians, 64³, {args.voxels} voxels", *measure(run, args.repeats, device)
+    return f"static-VAE decode to Gaussians, 64³, {args.voxels} voxels", *timed(run, args, device)
 
 
 CASES = {"dit_forward": case_dit_forward, "vae_decode": case_vae_decode, "dit_train": case_dit_train, "vae_train": case_vae_train,
@@ -163,6 +176,7 @@ def main():
     ap.add_argument("--compile", nargs="?", const="default", default=None,
                     choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                     help="torch.compile the models first (optionally with a mode)")
+    ap.add_argument("--profile", action="store_true", help="print a kernel table per case (GPU)")
     ap.add_argument("--sdpa", default="auto", choices=["auto", "flash", "cudnn", "efficient"],
                     help="restrict scaled_dot_product_attention to one kernel family")
     args = ap.parse_args()

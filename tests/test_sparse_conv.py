@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from models.sparse import SparseVoxels
+from models.trellis import sparse_conv
 from models.trellis.sparse_conv import (SparseConv3d, _CACHE, downsample_map, neighbour_map, sparse_downsample,
                                         sparse_upsample)
 from reference import load_golden, load_manifest, rel_err
@@ -31,8 +32,11 @@ def _dense_conv(coords, feats, weight, bias, shape):
     return out.permute(0, 2, 3, 4, 1)[b, i, j, k]
 
 
-@pytest.mark.parametrize("seed,cin,cout,ksize", [(0, 5, 7, 3), (1, 4, 3, 3), (2, 3, 2, 5)])
-def test_subm_conv_equals_dense_conv3d_forward_and_backward(seed, cin, cout, ksize):
+@pytest.mark.parametrize("seed,cin,cout,ksize,chunk_rows", [(0, 5, 7, 3, None), (1, 4, 3, 3, None), (2, 3, 2, 5, None),
+                                                            (3, 4, 3, 3, 7)])
+def test_subm_conv_equals_dense_conv3d_forward_and_backward(seed, cin, cout, ksize, chunk_rows, monkeypatch):
+    if chunk_rows:  # the gathered block split into chunks of 7 rows (the last one shorter)
+        monkeypatch.setattr(sparse_conv, "GATHER_ELEMENTS", chunk_rows * ksize ** 3 * cin)
     gen = torch.Generator().manual_seed(seed)
     shape = (5, 6, 7)
     coords = _random_sites(gen, shape=shape)

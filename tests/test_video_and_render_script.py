@@ -1,3 +1,5 @@
+import sys
+
 import imageio.v2 as imageio
 import numpy as np
 import pytest
@@ -26,6 +28,13 @@ def test_mp4_and_gif_round_trip(tmp_path):
         write_video(mp4, frames)
     with pytest.raises(ValueError, match="avi"):
         write_video(tmp_path / "a.avi", frames)
+
+
+def test_mp4_without_imageio_ffmpeg_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # makes `import imageio_ffmpeg` raise ImportError
+    with pytest.raises(RuntimeError, match=r"a\.mp4.*imageio-ffmpeg"):
+        write_video(tmp_path / "a.mp4", _frames())
+    assert list(tmp_path.iterdir()) == []                      # nothing half-written left behind
 
 
 def _one_red_blob(n=1):

@@ -30,6 +30,12 @@ def write_video(path: str | os.PathLike, frames: torch.Tensor | np.ndarray, fps:
         raise ValueError(f"{path}: unsupported video format {path.suffix!r} (use .mp4 or .gif)")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (or --overwrite) to replace it")
+    if path.suffix.lower() == ".mp4":
+        try:
+            import imageio_ffmpeg  # noqa: F401  (without it imageio silently picks another writer that fails obscurely)
+        except ImportError as err:
+            raise RuntimeError(f"{path}: writing MP4 needs the imageio-ffmpeg package (`pip install imageio-ffmpeg`; "
+                               f"setup.sh installs it), or write a .gif instead") from err
     frames = to_uint8(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"{path}: expected frames of shape (T, H, W, 3), got {frames.shape}")
@@ -40,7 +46,8 @@ def write_video(path: str | os.PathLike, frames: torch.Tensor | np.ndarray, fps:
             return
         # yuv420p needs even sizes; macroblock_size=1 keeps the frame size exactly as given when it is even.
         h, w = frames.shape[1:3]
-        with imageio.get_writer(tmp, fps=fps, codec="libx264", pixelformat="yuv420p", quality=8, macro_block_size=1) as writer:
+        with imageio.get_writer(tmp, format="FFMPEG", fps=fps, codec="libx264", pixelformat="yuv420p", quality=8,
+                                macro_block_size=1) as writer:
             for f in frames[:, : h - h % 2, : w - w % 2]:
                 writer.append_data(f)
 

@@ -6,8 +6,9 @@
   nearest-neighbour inverse back to the original rows.
 
 Neighbour look-up is by sorting: every site (b, x, y, z) becomes one int64 key, and `searchsorted` into the sorted
-keys finds the row of each shifted site. Maps are cached per coordinate tensor, so every conv at one level and every
-sampler step (the coordinates never change) reuse them.
+keys finds the row of each shifted site. The conv gathers the neighbours' features and multiplies once (gather-GEMM).
+Maps are cached per coordinate tensor, so every conv at one level and every sampler step (the coordinates never
+change) reuse them.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.sparse import SparseVoxels
@@ -23,6 +25,7 @@ from models.sparse import SparseVoxels
 # --- per-coordinate-tensor cache ---------------------------------------------------------------------------------
 # Keyed by id(coords) and checked against the tensor's in-place version counter; entries die with the tensor.
 _CACHE: dict[int, tuple[int, dict]] = {}
+GATHER_ELEMENTS = 1 << 26  # per chunk of the conv's gathered (rows, k³·in) block: 128 MiB in float16
 
 
 def _cached(coords: torch.Tensor, key, build):
@@ -49,18 +52,14 @@ def _encode(coords: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor,
 
 @dataclass
 class NeighbourMap:
-    """Submanifold neighbour pairs: for offset k, `out_rows[k]` receive `W_k · x[in_rows[k]]`."""
+    """Submanifold neighbours: `rows[p, o]` is the row of site p's neighbour at offset o, or N (one past the last row,
+    a zero row the conv appends) where that neighbour is inactive."""
     kernel_size: int
-    out_rows: list[torch.Tensor]
-    in_rows: list[torch.Tensor]
+    rows: torch.Tensor  # (N, k³) int64
 
     def table(self) -> torch.Tensor:
-        """(N, k³) int64: row of the neighbour at each offset, -1 where inactive (for inspection/tests)."""
-        n = int(self.out_rows[len(self.out_rows) // 2].numel())
-        t = torch.full((n, len(self.out_rows)), -1, dtype=torch.long, device=self.out_rows[0].device)
-        for k, (o, i) in enumerate(zip(self.out_rows, self.in_rows)):
-            t[o, k] = i
-        return t
+        """(N, k³) int64 with -1 where inactive (for inspection/tests)."""
+        return self.rows.masked_fill(self.rows == len(self.rows), -1)
 
 
 def _build_neighbour_map(coords: torch.Tensor, kernel_size: int) -> NeighbourMap:
@@ -70,15 +69,10 @@ def _build_neighbour_map(coords: torch.Tensor, kernel_size: int) -> NeighbourMap
     rng = torch.arange(-r, r + 1, device=coords.device)
     # Offset index (a, b, c) -> displacement (a - r, b - r, c - r), a slowest: the weight's (k, k, k) order, no flip.
     offs = torch.stack(torch.meshgrid(rng, rng, rng, indexing="ij"), -1).reshape(-1, 3)
-    shifts = (offs * strides[1:]).sum(1)
-    out_rows, in_rows = [], []
-    for s in shifts.tolist():
-        q = keys + s                                      # batch is part of the key: no cross-element neighbours
-        pos = torch.searchsorted(sorted_keys, q).clamp_(max=len(keys) - 1)
-        hit = sorted_keys[pos] == q
-        out_rows.append(hit.nonzero().squeeze(1))
-        in_rows.append(order[pos[hit]])
-    return NeighbourMap(kernel_size, out_rows, in_rows)
+    q = keys[:, None] + (offs * strides[1:]).sum(1)[None]   # batch is part of the key: no cross-element neighbours
+    pos = torch.searchsorted(sorted_keys, q).clamp_(max=len(keys) - 1)
+    rows = torch.where(sorted_keys[pos] == q, order[pos], len(keys))
+    return NeighbourMap(kernel_size, rows)
 
 
 def neighbour_map(coords: torch.Tensor, kernel_size: int = 3) -> NeighbourMap:
@@ -117,17 +111,16 @@ class SparseConv3d(nn.Module):
         if nmap is None:
             nmap = neighbour_map(x.coords, self.kernel_size)
         f = x.feats
-        w = self.conv.weight.to(f.dtype)
-        w = w.reshape(self.out_channels, -1, self.in_channels).permute(1, 2, 0)  # (k³, in, out)
-        centre = w.shape[0] // 2                             # offset (0, 0, 0) maps every row to itself: no gather
-        out = f @ w[centre]
-        if self.conv.bias is not None:
-            out = out + self.conv.bias.to(f.dtype)
-        for k, (o, i) in enumerate(zip(nmap.out_rows, nmap.in_rows)):
-            if k != centre and o.numel():
-                # each out row appears at most once per offset, so index_add has no colliding writes
-                out = out.index_add(0, o, f.index_select(0, i) @ w[k])
-        return x.replace(out)
+        # Gather-GEMM: each site's k³ neighbour rows (zeros where inactive) side by side, times the weight laid out
+        # (out, k³·in): one matmul instead of k³ small ones. Rows go in chunks so the gathered block stays bounded.
+        w = self.conv.weight.to(f.dtype).reshape(self.out_channels, -1)
+        fz = torch.cat([f, f.new_zeros(1, f.shape[1])])
+        bias = None if self.conv.bias is None else self.conv.bias.to(f.dtype)
+        step = max(1, GATHER_ELEMENTS // nmap.rows[0].numel() // f.shape[1])
+        # index_select, not fz[rows]: its backward is an atomic index_add; advanced indexing sorts (~100x slower)
+        gather = lambda rows: fz.index_select(0, rows.flatten()).view(len(rows), -1)
+        out = [F.linear(gather(rows), w, bias) for rows in nmap.rows.split(step)]
+        return x.replace(torch.cat(out) if len(out) > 1 else out[0])
 
 
 # --- factor-2 down/upsampling ------------------------------------------------------------------------------------
