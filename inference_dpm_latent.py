@@ -40,6 +40,7 @@ from models.dit import DiT
 from models.motion_vae import MotionVAE
 from models.sparse import SparseVoxels
 from models.static_vae import StaticVAE
+from models.trellis.flow_euler import SLAT_DEFAULTS, SS_DEFAULTS, add_sampler_args, sampler_from_args
 from utils.alignment import align_to_silhouette, rotate_z
 from utils.animate import MotionStage
 from utils.cameras import BLENDER_DEFAULT_FOV, intrinsics_from_fov, load_blender_camera, orbit_cameras, published_views
@@ -78,6 +79,8 @@ def parse_args(argv=None):
                                       "the canonical Gaussians of videos without a --canonical PLY from their first frame")
     ap.add_argument("--dinov2", type=Path, help="local DINOv2 ViT-L/14-reg folder for the TRELLIS condition "
                                                 "(default: the hub)")
+    add_sampler_args(ap, "ss", SS_DEFAULTS)      # the TRELLIS samplers; defaults = the published GVFDiffusion ones
+    add_sampler_args(ap, "slat", SLAT_DEFAULTS)
     ap.add_argument("--num-frames", type=int, help="frames to animate (default sampling.num_frames, at most the input's)")
     ap.add_argument("--start", type=int, default=0, help="first video frame")
     ap.add_argument("--stride", type=int, default=1, help="video frame step")
@@ -248,7 +251,9 @@ def image_to_3d_stage(models: Models, args, device):
         norm = read_trellis_pipeline(args.trellis)["args"]["slat_normalization"]
         stage = ImageTo3D(nets["sparse_structure_flow_model"], nets["sparse_structure_decoder"],
                           nets["slat_flow_model"], models.static_vae, torch.tensor(norm["mean"]),
-                          torch.tensor(norm["std"]), autocast_dtype=torch.float16)  # the released fp16 precision
+                          torch.tensor(norm["std"]), sampler_from_args(args, "ss", SS_DEFAULTS),
+                          sampler_from_args(args, "slat", SLAT_DEFAULTS),
+                          autocast_dtype=torch.float16)  # the released fp16 precision
         extractor = get_extractor("dinov2_vitl14_reg", device=device, weights=args.dinov2)
         models.image_to_3d = (stage, extractor)
     return models.image_to_3d
@@ -263,7 +268,12 @@ def canonical_from_frame(models: Models, job: Job, args, device) -> tuple[Gaussi
     tokens = extractor.trellis_condition(image[None]).to(device)
     seed = models.cfg.sampling.seed if args.seed is None else args.seed
     gaussians, info = stage(tokens, seed=seed)
-    return gaussians, {"voxels": info["num_voxels"], "model_evaluations": info["nfe"], "seconds": info["seconds"]}
+    # the job's peak so far (run_job resets it at the start; only the condition tokens ran before this stage)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    samplers = {k: {"steps": v.steps, "cfg_strength": v.cfg_strength, "cfg_interval": v.cfg_interval}
+                for k, v in (("ss", stage.ss_sampler), ("slat", stage.slat_sampler))}
+    return gaussians, {"voxels": info["num_voxels"], "model_evaluations": info["nfe"], "samplers": samplers,
+                       "seconds": info["seconds"], "peak_gpu_memory_gib": peak}
 
 
 def video_inputs(models: Models, job: Job, args, num_frames: int, device):

@@ -185,7 +185,7 @@ def test_defaults_and_flags():
     a = p.parse_args([])
     assert sampler_from_args(a, "ss", SS_DEFAULTS) == FlowEulerSampler(**SS_DEFAULTS)
     assert sampler_from_args(a, "slat", SLAT_DEFAULTS) == FlowEulerSampler(**SLAT_DEFAULTS)
-    a = p.parse_args(["--ss_steps", "25", "--ss_cfg_strength", "5", "--slat_cfg_interval", "0.2", "0.9"])
+    a = p.parse_args(["--ss-steps", "25", "--ss-cfg-strength", "5", "--slat-cfg-interval", "0.2", "0.9"])
     assert sampler_from_args(a, "ss", SS_DEFAULTS) == FlowEulerSampler(**{**SS_DEFAULTS, "steps": 25,
                                                                           "cfg_strength": 5.0})
     assert sampler_from_args(a, "slat", SLAT_DEFAULTS).cfg_interval == (0.2, 0.9)

@@ -178,10 +178,13 @@ def test_video_without_canonical_uses_the_image_to_3d_stage(world, tmp_path):
     assert _run("--pack", pack, "--input", videos, "--out", out, "--trellis", tmp_path / "no_trellis",
                 "--dinov2", tmp_path / "dinov2", "--matting", "threshold") == 1
     _tiny_trellis_release(tmp_path / "trellis")
+    # Sampler flags: 3 SS steps all guided (2 calls each), 2 unguided SLat steps.
     status = _run("--pack", pack, "--input", videos, "--out", out, "--trellis", tmp_path / "trellis",
-                  "--dinov2", tmp_path / "dinov2", "--matting", "threshold")
+                  "--dinov2", tmp_path / "dinov2", "--matting", "threshold", "--ss-steps", "3", "--ss-cfg-interval",
+                  "0", "1", "--slat-steps", "2", "--slat-cfg-strength", "0")
     summary = json.loads((out / "clip" / "summary.json").read_text())
     assert status == 0 and summary["canonical"] == "image-to-3D"
     stage = summary["image_to_3d"]
     assert stage["voxels"] > 0 and summary["gaussians"] == 8 * stage["voxels"]   # 8 Gaussians per occupied voxel
-    assert stage["model_evaluations"]["ss"] > 0 and len(list((out / "clip" / "ply").glob("*.ply"))) == 8
+    assert stage["model_evaluations"] == {"ss": 6, "slat": 2} and stage["samplers"]["slat"]["steps"] == 2
+    assert len(list((out / "clip" / "ply").glob("*.ply"))) == 8

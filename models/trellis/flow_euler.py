@@ -121,12 +121,17 @@ class FlowEulerSampler:
 
 
 def add_sampler_args(parser: argparse.ArgumentParser, prefix: str, defaults: dict[str, Any]) -> None:
-    """--{prefix}_steps, --{prefix}_cfg_strength, --{prefix}_cfg_interval LO HI, --{prefix}_rescale_t."""
-    parser.add_argument(f"--{prefix}_steps", type=int, default=defaults["steps"])
-    parser.add_argument(f"--{prefix}_cfg_strength", type=float, default=defaults["cfg_strength"])
-    parser.add_argument(f"--{prefix}_cfg_interval", type=float, nargs=2, default=list(defaults["cfg_interval"]),
-                        metavar=("LO", "HI"))
-    parser.add_argument(f"--{prefix}_rescale_t", type=float, default=defaults["rescale_t"])
+    """--{prefix}-steps, --{prefix}-cfg-strength, --{prefix}-cfg-interval LO HI, --{prefix}-rescale-t."""
+    what = {"ss": "sparse-structure flow", "slat": "structured-latent flow"}.get(prefix, prefix)
+    parser.add_argument(f"--{prefix}-steps", type=int, default=defaults["steps"],
+                        help=f"{what}: Euler steps (default %(default)s)")
+    parser.add_argument(f"--{prefix}-cfg-strength", type=float, default=defaults["cfg_strength"],
+                        help=f"{what}: guidance strength w, v = (1 + w) v_cond - w v_uncond (default %(default)s)")
+    parser.add_argument(f"--{prefix}-cfg-interval", type=float, nargs=2, default=list(defaults["cfg_interval"]),
+                        metavar=("LO", "HI"), help=f"{what}: guide the steps starting at t in [LO, HI] (default "
+                                                   f"%(default)s)")
+    parser.add_argument(f"--{prefix}-rescale-t", type=float, default=defaults["rescale_t"],
+                        help=f"{what}: time warp r > 1 puts more steps near t = 1 (default %(default)s)")
 
 
 def sampler_from_args(args: argparse.Namespace, prefix: str, defaults: dict[str, Any]) -> FlowEulerSampler:
