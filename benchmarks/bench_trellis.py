@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from bench_models import randomise, shell_voxels  # noqa: E402
@@ -119,8 +118,8 @@ def case_stage(args, device):
 
 def case_sparse_conv(args, device):
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    print(f"| active voxels (of 64³) | channels | sparse fwd (ms) | dense fwd (ms) | sparse fwd+bwd (ms) "
-          f"| dense fwd+bwd (ms) | neighbour map (ms) |\n|---|---|---|---|---|---|---|")
+    print("| active voxels (of 64³) | channels | sparse fwd (ms) | dense fwd (ms) | sparse fwd+bwd (ms) "
+          "| dense fwd+bwd (ms) | neighbour map (ms) |\n|---|---|---|---|---|---|---|")
     for n in args.voxels:
         for ch in args.channels:
             coords = shell_voxels(n, 64, device)
