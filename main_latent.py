@@ -9,7 +9,6 @@ Overrides `section.key=value` follow the options (see utils/config.py). `--resum
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,18 +20,12 @@ from models.diffusion import GaussianDiffusion
 from models.dit import DiT
 from utils.checkpoint import load_weights
 from utils.config import load_config
-from utils.training import LoopConfig, TrainLoop, seed_everything
+from utils.training import LoopConfig, TrainLoop, seed_everything, trainer_arg_parser
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", type=Path, default=Path("configs/diffusion.yml"))
-    ap.add_argument("--data-root", type=Path, help="dataset root (default: data.root of the config)")
-    ap.add_argument("--list", type=Path, help="list file of sample names (default: data.list_file, else every latent)")
-    ap.add_argument("--out", type=Path, required=True, help="experiment folder (checkpoints, TensorBoard)")
-    ap.add_argument("--resume", help='"latest" or a checkpoint folder')
+    ap = trainer_arg_parser(__doc__, "configs/diffusion.yml", "latent")
     ap.add_argument("--init", type=Path, help="start from these DiT weights (ours or a published .pt)")
-    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. train.lr=1e-4")
     return ap.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 

@@ -15,7 +15,6 @@ out_layer is replaced by a fresh zero one (spec §3.5). Overrides `section.key=v
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from utils.config import load_config
 from utils.gaussians import Gaussians
 from utils.losses import load_lpips, mesh_guided_xyz_loss, render_loss
 from utils.render import rasterize
-from utils.training import LoopConfig, TrainLoop, seed_everything
+from utils.training import LoopConfig, TrainLoop, seed_everything, trainer_arg_parser
 
 # Keys of a TRELLIS SLat decoder that do not fit an 8-Gaussian model (spec §3.5); dropped together when they differ.
 OUT_LAYER_SWAP = ("out_layer.weight", "out_layer.bias", "MipGS_perturbation")
@@ -38,16 +37,10 @@ BACKGROUNDS = {"white": 1.0, "black": 0.0}
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", type=Path, default=Path("configs/vae.yml"))
-    ap.add_argument("--data-root", type=Path, help="dataset root (default: data.root of the config)")
-    ap.add_argument("--list", type=Path, help="list file of sample names (default: data.list_file, else every sample)")
-    ap.add_argument("--out", type=Path, required=True, help="experiment folder (checkpoints, TensorBoard)")
-    ap.add_argument("--resume", help='"latest" or a checkpoint folder')
+    ap = trainer_arg_parser(__doc__, "configs/vae.yml", "sample")
     ap.add_argument("--static-init", type=Path, help="static-VAE weights to start from (see above); default: scratch")
     ap.add_argument("--motion-init", type=Path, help="motion-VAE weights to start from (ours or a published .pt)")
     ap.add_argument("--sample_timesteps", "--sample-timesteps", type=int, help="frames per sample (train.sample_timesteps)")
-    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. train.lr=1e-4")
     return ap.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 

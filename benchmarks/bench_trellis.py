@@ -12,7 +12,6 @@ sparse_conv: the submanifold 3×3×3 conv against a dense conv3d over the whole 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -21,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "tests")]
 from bench_models import randomise, shell_voxels  # noqa: E402
 from models.sparse import SparseVoxels  # noqa: E402
 from models.static_vae import StaticVAE  # noqa: E402
@@ -30,11 +30,10 @@ from models.trellis.slat_flow import SLatFlowModel  # noqa: E402
 from models.trellis.sparse_conv import SparseConv3d, neighbour_map  # noqa: E402
 from models.trellis.ss_decoder import SparseStructureDecoder  # noqa: E402
 from models.trellis.ss_flow import SparseStructureFlowModel  # noqa: E402
+from reference import load_manifest  # noqa: E402
 from timing import measure  # noqa: E402
 from utils.config import load_config  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-MANIFESTS = ROOT / "tests/data/reference"
 RELEASED = {SparseStructureFlowModel: "trellis_ss_flow_img_dit_L_16l8_fp16",
             SparseStructureDecoder: "trellis_ss_dec_conv3d_16l8_fp16",
             SLatFlowModel: "trellis_slat_flow_img_dit_L_64l8p2_fp16"}
@@ -42,7 +41,7 @@ RELEASED = {SparseStructureFlowModel: "trellis_ss_flow_img_dit_L_16l8_fp16",
 
 def released(cls, device):
     """The network at its released config (fp16 torso as stored), random weights, built directly on the device."""
-    cfg = json.loads((MANIFESTS / f"statedict_{RELEASED[cls]}.json").read_text())["config"]
+    cfg = load_manifest(RELEASED[cls])["config"]
     with torch.device(device):
         model = cls(**cfg)
     return randomise(model).eval()
@@ -94,9 +93,9 @@ def case_stage(args, device):
             stage = ImageTo3D(ss_flow, ShellOccupancy(ss_dec, coords), slat_flow, static_vae,
                               torch.zeros(8), torch.ones(8), autocast_dtype=dtype)
             records = []
+            sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
             def run():
-                sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
                 sync()
                 t0 = time.perf_counter()
                 tokens = extractor.trellis_condition(image)

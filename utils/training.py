@@ -43,6 +43,7 @@ CUDA the loop passes cpu=True, which accelerate needs to see a torchrun launch a
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -84,6 +85,20 @@ class NonFiniteLossError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------- small pure pieces
+
+def trainer_arg_parser(description: str, config: str, listed: str) -> argparse.ArgumentParser:
+    """The options main_vae.py and main_latent.py share (config, data, experiment folder, resume, config overrides);
+    each adds its own. `listed` names what is trained on when no list file is given ("sample", "latent")."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", type=Path, default=Path(config))
+    ap.add_argument("--data-root", type=Path, help="dataset root (default: data.root of the config)")
+    ap.add_argument("--list", type=Path,
+                    help=f"list file of sample names (default: data.list_file, else every {listed})")
+    ap.add_argument("--out", type=Path, required=True, help="experiment folder (checkpoints, TensorBoard)")
+    ap.add_argument("--resume", help='"latest" or a checkpoint folder')
+    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. train.lr=1e-4")
+    return ap
+
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
     """LR multiplier of optimiser step `step` (0-based): (step + 1) / warmup_steps, capped at 1.

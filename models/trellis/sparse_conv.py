@@ -116,7 +116,7 @@ class SparseConv3d(nn.Module):
         w = self.conv.weight.to(f.dtype).reshape(self.out_channels, -1)
         fz = torch.cat([f, f.new_zeros(1, f.shape[1])])
         bias = None if self.conv.bias is None else self.conv.bias.to(f.dtype)
-        step = max(1, GATHER_ELEMENTS // nmap.rows[0].numel() // f.shape[1])
+        step = max(1, GATHER_ELEMENTS // nmap.rows.shape[1] // f.shape[1])
         # index_select, not fz[rows]: its backward is an atomic index_add; advanced indexing sorts (~100x slower)
         gather = lambda rows: fz.index_select(0, rows.flatten()).view(len(rows), -1)
         out = [F.linear(gather(rows), w, bias) for rows in nmap.rows.split(step)]
