@@ -1,21 +1,41 @@
-"""Attention layers, all through `torch.nn.functional.scaled_dot_product_attention` (flash / cuDNN / memory-efficient
-kernels on GPU, the math kernel on CPU). Tensors are laid out (batch, length, heads, head_dim) between the projections.
+"""Attention layers through `torch.nn.functional.scaled_dot_product_attention` (flash / cuDNN / memory-efficient kernels
+on GPU, the math kernel on CPU), except for narrow heads (width 16 or 32) in bf16/fp16 on a CUDA GPU: those go through
+the Triton kernels of models/attention_kernel.py, which are faster there (BENCHMARKS.md). GVF_FUSED_ATTENTION=0 in the
+environment turns them off. Tensors are laid out (batch, length, heads, head_dim) between the projections.
 
 Parameter names follow the published checkpoints: `to_qkv` (fused, DiT self-attention), `to_q` / `to_kv` (cross-attention,
 and the motion VAE's attention in general), `to_out`, and `q_rms_norm.gamma` / `k_rms_norm.gamma`.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+try:  # Triton comes with CUDA builds of PyTorch; CPU-only installs have none and always use SDPA
+    from models.attention_kernel import fused_attention
+except ImportError:
+    fused_attention = None
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q kᵀ / sqrt(d)) v for q (B, L, H, D), k (B, S, H, D), v (B, S, H, Dv) -> (B, L, H, Dv)."""
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+FUSED = fused_attention is not None and os.environ.get("GVF_FUSED_ATTENTION", "1") != "0"
+
+
+def uses_fused_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    return (FUSED and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.dtype == k.dtype == v.dtype
+            and q.shape[-1] in (16, 32) and v.shape[-1] == q.shape[-1]
+            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """softmax(q kᵀ * scale) v, scale 1/sqrt(d) by default, for q (B, L, H, D), k (B, S, H, D), v (B, S, H, Dv)
+    -> (B, L, H, Dv)."""
+    if uses_fused_kernel(q, k, v):
+        return fused_attention(q, k, v, scale)
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          scale=scale).transpose(1, 2)
 
 
 def shared_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -95,9 +115,47 @@ class CrossAttention(nn.Module):
         return (self.k_rms_norm(k) if self.qk_rms_norm else k), v
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                affine_context: tuple[torch.Tensor, nn.Linear] | None = None) -> torch.Tensor:
+        """Attend to `context`, to pre-projected `kv`, or to `affine_context` = (inputs, projection), a context that
+        is an affine function of narrow inputs, through low_rank_cross_attention (same result)."""
+        if affine_context is not None:
+            return low_rank_cross_attention(self, x, *affine_context)
         k, v = kv if kv is not None else self.kv(x if context is None else context)
         return self.to_out(attention(self.q(x), k, v).flatten(-2))
+
+
+def low_rank_cross_attention(attn: CrossAttention, x: torch.Tensor, inputs: torch.Tensor, proj: nn.Linear,
+                             width: int = 16) -> torch.Tensor:
+    """attn(x, context=proj(inputs)) for inputs (B, S, F) of F <= width features, without forming the context.
+
+    Keys and values are then affine in the inputs s: per head, k = A s + a and v = V s + c. The scores q·k equal
+    (Aᵀ q)·s plus q·a, which is the same for every key of a query and drops out of the softmax; the output is
+    V (Σ p s) + c. So all heads attend to the same zero-padded inputs at head width `width` (one sequence of L*H
+    queries), the query projection absorbs A and the output projection absorbs V and c. The DiT's static condition has
+    14 features against head width 32: this halves the attention's matrix work and skips the key/value projections.
+    Requires no key RMS-norm (it is not affine)."""
+    if attn.qk_rms_norm or inputs.shape[-1] > width:
+        raise ValueError("low_rank_cross_attention: needs an attention without QK RMS-norm and at most "
+                         f"{width} input features (got {inputs.shape[-1]})")
+    h, d, f = attn.heads, attn.head_dim, inputs.shape[-1]
+    bias = lambda lin, n: lin.bias if lin.bias is not None else lin.weight.new_zeros(n)
+    w_k, w_v = attn.to_kv.weight.view(2, h, d, -1).unbind(0)
+    a = w_k @ proj.weight                                                       # (H, D, F)
+    val = w_v @ proj.weight                                                     # (H, D, F)
+    c = w_v @ bias(proj, proj.out_features) + bias(attn.to_kv, 2 * h * d).view(2, h, d)[1]  # (H, D)
+    pad = lambda t: F.pad(t, (0, width - f))
+    w_q = pad(attn.to_q.weight.view(h, d, -1).transpose(1, 2) @ a)             # (H, C_x, width)
+    b_q = pad(torch.einsum("hd,hdf->hf", bias(attn.to_q, h * d).view(h, d), a))
+    w_o = attn.to_out.weight.view(-1, h, d)
+    w_out = pad(torch.einsum("ohd,hdf->ohf", w_o, val))                         # (C_out, H, width)
+    b_out = bias(attn.to_out, w_o.shape[0]) + torch.einsum("ohd,hd->o", w_o, c)
+
+    b, length = x.shape[:2]
+    q = F.linear(x, w_q.permute(0, 2, 1).reshape(h * width, -1), b_q.flatten())      # (B, L, H*width)
+    s = pad(inputs).to(q.dtype)[:, :, None]                                           # (B, S, 1, width)
+    o = attention(q.view(b, length * h, 1, width), s, s, scale=d ** -0.5)             # (B, L*H, 1, width)
+    return F.linear(o.reshape(b, length, h * width), w_out.flatten(1), b_out)
 
 
 # --- sparse windowed (swin) attention over voxel tokens -----------------------------------------------------------------

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from models.attention import (CrossAttention, MultiHeadRMSNorm, SelfAttention, attention, shared_query_attention,
-                              window_plan, windowed_attention)
+from models.attention import (CrossAttention, MultiHeadRMSNorm, SelfAttention, attention, low_rank_cross_attention,
+                              shared_query_attention, window_plan, windowed_attention)
 
 
 def naive(q, k, v):
@@ -64,6 +64,21 @@ def test_layers_match_a_float64_composition():
     want = naive(q, k, v).flatten(-2) @ ca.to_out.weight.double().T + ca.to_out.bias.double()
     torch.testing.assert_close(ca(x, ctx).double(), want, rtol=0, atol=5e-6)
     torch.testing.assert_close(ca(x, kv=ca.kv(ctx)), ca(x, ctx))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_low_rank_cross_attention_equals_attention_to_the_projected_context(bias):
+    torch.manual_seed(2)
+    ca = CrossAttention(24, 40, heads=3, head_dim=8, qkv_bias=bias).double()
+    proj = torch.nn.Linear(5, 40, bias=bias).double()
+    for p in [*ca.parameters(), *proj.parameters()]:  # biases non-zero too: the key bias must drop out exactly
+        torch.nn.init.normal_(p, std=0.5)
+    x, inputs = torch.randn(2, 10, 24, dtype=torch.float64), torch.randn(2, 13, 5, dtype=torch.float64)
+    want = naive(ca.q(x), *ca.kv(proj(inputs))).flatten(-2) @ ca.to_out.weight.T + ca.to_out.bias
+    torch.testing.assert_close(low_rank_cross_attention(ca, x, inputs, proj), want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ca(x, affine_context=(inputs, proj)), want, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="at most 4 input features"):
+        low_rank_cross_attention(ca, x, inputs, proj, width=4)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
