@@ -23,7 +23,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_render.py
 	@if $(PY) -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then \
-		$(PY) benchmarks/bench_models.py && $(PY) benchmarks/bench_inference.py --compile && \
+		$(PY) benchmarks/bench_attention.py && $(PY) benchmarks/bench_models.py && \
+		$(PY) benchmarks/bench_inference.py --compile && \
 		$(PY) benchmarks/bench_trainers.py && \
 		$(PY) benchmarks/bench_trellis.py --voxels 10000 20000 40000 --autocast fp16; else echo "paper-scale benchmarks skipped: they need a GPU"; fi
 
