@@ -125,8 +125,17 @@ class CrossAttention(nn.Module):
         return self.to_out(attention(self.q(x), k, v).flatten(-2))
 
 
+LOW_RANK_WIDTH = 16  # head width of low_rank_cross_attention: the inputs are zero-padded to it
+
+
+def low_rank_applies(attn: CrossAttention, features: int) -> bool:
+    """Whether low_rank_cross_attention can stand in for `attn` on inputs of `features` features: keys must be affine
+    in the inputs (no key RMS-norm) and the inputs must fit the padded width."""
+    return not attn.qk_rms_norm and features <= LOW_RANK_WIDTH
+
+
 def low_rank_cross_attention(attn: CrossAttention, x: torch.Tensor, inputs: torch.Tensor, proj: nn.Linear,
-                             width: int = 16) -> torch.Tensor:
+                             width: int = LOW_RANK_WIDTH) -> torch.Tensor:
     """attn(x, context=proj(inputs)) for inputs (B, S, F) of F <= width features, without forming the context.
 
     Keys and values are then affine in the inputs s: per head, k = A s + a and v = V s + c. The scores q·k equal
@@ -135,7 +144,7 @@ def low_rank_cross_attention(attn: CrossAttention, x: torch.Tensor, inputs: torc
     queries), the query projection absorbs A and the output projection absorbs V and c. The DiT's static condition has
     14 features against head width 32: this halves the attention's matrix work and skips the key/value projections.
     Requires no key RMS-norm (it is not affine)."""
-    if attn.qk_rms_norm or inputs.shape[-1] > width:
+    if not low_rank_applies(attn, inputs.shape[-1]) or inputs.shape[-1] > width:
         raise ValueError("low_rank_cross_attention: needs an attention without QK RMS-norm and at most "
                          f"{width} input features (got {inputs.shape[-1]})")
     h, d, f = attn.heads, attn.head_dim, inputs.shape[-1]

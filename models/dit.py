@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.attention import CrossAttention, SelfAttention
+from models.attention import CrossAttention, SelfAttention, low_rank_applies
 from models.layers import AbsolutePositionEmbedder, FeedForward, LayerNorm32, timestep_sinusoid
 
 
@@ -159,5 +159,5 @@ class DiT(nn.Module):
         """Whether the static cross-attention runs in the condition's 14-d input space (attention.low_rank_cross_attention,
         the same function): for inference on a GPU, where it is faster. Training keeps the (k, v) form, whose backward
         is faster at head width 32, and the CPU keeps it too, so the golden-file parity path stays as published."""
-        return (x.is_cuda and not torch.is_grad_enabled() and not self.blocks[0].static_cross_attn.qk_rms_norm
-                and self.static_cond_proj.in_features <= 16)
+        return (x.is_cuda and not torch.is_grad_enabled()
+                and low_rank_applies(self.blocks[0].static_cross_attn, self.static_cond_proj.in_features))
