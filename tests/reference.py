@@ -52,6 +52,24 @@ def load_manifest(name: str) -> dict:
     return json.loads(reference_path(f"statedict_{name}.json").read_text())
 
 
+def assert_matches_manifest(model: torch.nn.Module, manifest: dict, dtypes: bool) -> None:
+    """A model (built on the meta device) against a released manifest: the same keys and shapes, entry and parameter
+    counts, in total and per top-level module; with `dtypes`, float16 exactly at the manifest's non-float32 entries
+    and float32 elsewhere. Ends with a strict load of meta tensors of the manifest's shapes."""
+    sd = model.state_dict()
+    assert {k: list(v.shape) for k, v in sd.items()} == {k: list(s) for k, s in manifest["state_dict"].items()}
+    assert len(sd) == manifest["num_state_dict_entries"]
+    assert sum(p.numel() for p in model.parameters()) == manifest["num_params"]
+    for name, n in manifest["numel_by_top_level_module"].items():  # state-dict entries: buffers such as pos_emb count
+        assert sum(v.numel() for k, v in sd.items() if k.split(".")[0] == name) == n, name
+    if dtypes:
+        half = {k: "float16" for k, v in sd.items() if v.dtype == torch.float16}
+        assert half == manifest["non_float32_entries"]
+        assert all(v.dtype == torch.float32 for k, v in sd.items() if k not in half)
+    model.load_state_dict({k: torch.empty(s, device="meta") for k, s in manifest["state_dict"].items()}, strict=True,
+                          assign=True)
+
+
 def rel_err(ours: torch.Tensor, golden: torch.Tensor) -> float:
     """The golden README's pass measure: max|ours - golden| / max|golden|."""
     ours = ours.detach().cpu().to(golden.dtype)

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from models.sparse import SparseVoxels
 from models.trellis.slat_flow import SLatFlowModel, SparseResBlock3d
 from models.trellis.sparse_conv import downsample_map
-from reference import load_golden, load_golden_weights, load_manifest, rel_err
+from reference import assert_matches_manifest, load_golden, load_golden_weights, load_manifest, rel_err
 
 
 def _golden_model(dtype=torch.float32):
@@ -62,17 +62,8 @@ def test_released_config_matches_the_manifest():
     manifest = load_manifest("trellis_slat_flow_img_dit_L_64l8p2_fp16")
     with torch.device("meta"):
         model = SLatFlowModel(**manifest["config"])
-    assert sum(p.numel() for p in model.parameters()) == manifest["num_params"] == 600_432_520
-    for name, n in manifest["numel_by_top_level_module"].items():
-        assert sum(p.numel() for p in getattr(model, name).parameters()) == n, name
-    sd = model.state_dict()
-    assert {k: list(v.shape) for k, v in sd.items()} == {k: list(s) for k, s in manifest["state_dict"].items()}
-    assert len(sd) == manifest["num_state_dict_entries"] == 526
-    half = {k: "float16" for k, v in sd.items() if v.dtype == torch.float16}
-    assert half == manifest["non_float32_entries"]
-    assert all(v.dtype == torch.float32 for k, v in sd.items() if k not in half)
-    model.load_state_dict({k: torch.empty(s, device="meta") for k, s in manifest["state_dict"].items()}, strict=True,
-                          assign=True)
+    assert manifest["num_params"] == 600_432_520 and manifest["num_state_dict_entries"] == 526
+    assert_matches_manifest(model, manifest, dtypes=True)
 
 
 def test_fp16_torso_runs_and_stays_close_to_float32():
