@@ -3,7 +3,8 @@
 At head width 32 PyTorch's SDPA kernels (cuDNN, flash, memory-efficient) are tuned for wider heads. Two kernels here
 do better on the DiT's shapes (BENCHMARKS.md):
 - a tiled FlashAttention-2-style forward for long key sequences (static, image and spatial attention); its backward
-  is PyTorch's cuDNN attention backward, fed with this forward's output and log-sum-exp;
+  is PyTorch's cuDNN attention backward, fed with this forward's output and log-sum-exp, or, where the keys and values
+  need no gradient (the static condition in its low-rank form), a query-gradient-only kernel of the same tiling;
 - a forward and a backward that hold whole short sequences (at most 64 tokens: the temporal attention over T frames)
   in one tile, several heads per program, where SDPA's kernels leave most of each tile empty.
 `attention()` in models/attention.py decides when they are used; everything else goes through SDPA.
@@ -23,14 +24,34 @@ LN2 = tl.constexpr(0.6931471805599453)
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
+@triton.jit
+def _forward_block(q, k_ptrs, v_ptrs, start, skl, svl, len_k, m_i, l_i, acc, offs_n,
+                   QK_SCALE: tl.constexpr, MASK: tl.constexpr):
+    """One key block of the online softmax; only the ragged last block pays for masking."""
+    if MASK:
+        valid = (start + offs_n) < len_k
+        k = tl.load(k_ptrs + start * skl, mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptrs + start * svl, mask=valid[:, None], other=0.0)
+        s = tl.where(valid[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
+    else:
+        k = tl.load(k_ptrs + start * skl)
+        v = tl.load(v_ptrs + start * svl)
+        s = tl.dot(q, tl.trans(k))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * QK_SCALE)
+    p = tl.exp2(s * QK_SCALE - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return m_new, l_i, acc
+
+
 @triton.autotune([triton.Config({"BM": bm, "BN": bn}, num_warps=4, num_stages=4)
                    for bm, bn in ((128, 64), (64, 64), (64, 128))], key=["len_q", "len_k", "D"])
-@triton.heuristics({"EVEN_K": lambda args: args["len_k"] % args["BN"] == 0})
 @triton.jit
 def _forward_kernel(Q, K, V, O, LSE,
                     sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol, soh,
                     heads, len_q, len_k,
-                    QK_SCALE: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, EVEN_K: tl.constexpr):
+                    QK_SCALE: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """One (BM queries, batch, head) tile per program, online softmax over key blocks of BN. QK_SCALE is the softmax
     scale times log2(e), so the kernel works in base 2; LSE is stored in natural log, (B, H, Lq). The scale is a
     compile-time constant because torch.compile would pass a float argument as float64."""
@@ -48,27 +69,88 @@ def _forward_kernel(Q, K, V, O, LSE,
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
-    for start in range(0, len_k, BN):
-        if EVEN_K:  # no masking work in the inner loop when the keys fill whole blocks
-            k = tl.load(k_ptrs + start * skl)
-            v = tl.load(v_ptrs + start * svl)
-            s = tl.dot(q, tl.trans(k))
-        else:
-            valid = (start + offs_n) < len_k
-            k = tl.load(k_ptrs + start * skl, mask=valid[:, None], other=0.0)
-            v = tl.load(v_ptrs + start * svl, mask=valid[:, None], other=0.0)
-            s = tl.where(valid[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * QK_SCALE)
-        p = tl.exp2(s * QK_SCALE - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+    full = len_k - len_k % BN
+    for start in range(0, full, BN):
+        m_i, l_i, acc = _forward_block(q, k_ptrs, v_ptrs, start, skl, svl, len_k, m_i, l_i, acc, offs_n, QK_SCALE, False)
+    if full < len_k:
+        m_i, l_i, acc = _forward_block(q, k_ptrs, v_ptrs, full, skl, svl, len_k, m_i, l_i, acc, offs_n, QK_SCALE, True)
 
     row_ok = offs_m < len_q
     tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty),
              mask=row_ok[:, None])
     tl.store(LSE + bh * len_q + offs_m, (m_i + tl.log2(l_i)) * LN2, mask=row_ok)
+
+
+@triton.jit
+def _dq_block(q, do, lse2, delta, k_ptrs, v_ptrs, start, skl, svl, len_k, dq, offs_n,
+              QK_SCALE: tl.constexpr, MASK: tl.constexpr):
+    """dq += dS K over one key block, with P recomputed from the log-sum-exp (base 2) and dS = P (dO Vᵀ - delta)."""
+    if MASK:
+        valid = (start + offs_n) < len_k
+        k = tl.load(k_ptrs + start * skl, mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptrs + start * svl, mask=valid[:, None], other=0.0)
+        p = tl.where(valid[None, :], tl.exp2(tl.dot(q, tl.trans(k)) * QK_SCALE - lse2[:, None]), 0.0)
+    else:
+        k = tl.load(k_ptrs + start * skl)
+        v = tl.load(v_ptrs + start * svl)
+        p = tl.exp2(tl.dot(q, tl.trans(k)) * QK_SCALE - lse2[:, None])
+    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq)
+
+
+@triton.autotune([triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=3)
+                  for bm, bn in ((128, 64), (64, 64), (64, 128)) for w in (4, 8)], key=["len_q", "len_k", "D"])
+@triton.jit
+def _backward_dq_kernel(Q, K, V, O, DO, LSE, DQ,
+                        sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol, soh, sdob, sdol, sdoh,
+                        heads, len_q, len_k,
+                        SCALE: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """The query gradient alone, for long keys and values that need none (the DiT's static condition is data): the
+    same tiling as _forward_kernel, one pass over the keys per query tile, no atomics. DO and DQ share strides."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < len_q
+    do_off = b * sdob + h * sdoh + offs_m[:, None] * sdol + offs_d[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + do_off, mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(LSE + bh * len_q + offs_m, mask=row_ok, other=0.0) * LOG2E
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    k_ptrs = K + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :]
+    v_ptrs = V + b * svb + h * svh + offs_n[:, None] * svl + offs_d[None, :]
+
+    dq = tl.zeros([BM, D], tl.float32)
+    full = len_k - len_k % BN
+    for start in range(0, full, BN):
+        dq = _dq_block(q, do, lse2, delta, k_ptrs, v_ptrs, start, skl, svl, len_k, dq, offs_n, SCALE * LOG2E, False)
+    if full < len_k:
+        dq = _dq_block(q, do, lse2, delta, k_ptrs, v_ptrs, full, skl, svl, len_k, dq, offs_n, SCALE * LOG2E, True)
+    tl.store(DQ + do_off, (dq * SCALE).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _short_tile(Q, K, V, sqb, sql, sqh, skb, skl, skh, svb, svl, svh, heads, len_q, len_k,
+                D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, G: tl.constexpr):
+    """The whole-sequence kernels' tile: G heads of one batch entry as (G, rows, D) blocks. Returns the index grids
+    (b, g, m, n, d), the row and key masks, q, k and v, and the (G, BM) offsets and mask of the per-row LSE."""
+    b = tl.program_id(0)
+    g = tl.program_id(1) * G + tl.arange(0, G)[:, None, None]
+    m = tl.arange(0, BM)[None, :, None]
+    n = tl.arange(0, BN)[None, :, None]
+    d = tl.arange(0, D)[None, None, :]
+    row_ok = (g < heads) & (m < len_q)
+    col_ok = (g < heads) & (n < len_k)
+    q = tl.load(Q + b * sqb + g * sqh + m * sql + d, mask=row_ok, other=0.0)
+    k = tl.load(K + b * skb + g * skh + n * skl + d, mask=col_ok, other=0.0)
+    v = tl.load(V + b * svb + g * svh + n * svl + d, mask=col_ok, other=0.0)
+    g2 = tl.program_id(1) * G + tl.arange(0, G)[:, None]
+    rows = tl.arange(0, BM)[None, :]
+    return b, g, m, n, d, row_ok, col_ok, q, k, v, (b * heads + g2) * len_q + rows, (g2 < heads) & (rows < len_q)
 
 
 @triton.autotune([triton.Config({"G": g}, num_warps=w) for g in (4, 8) for w in (2, 4)],
@@ -81,24 +163,16 @@ def _short_forward_kernel(Q, K, V, O, LSE,
                           G: tl.constexpr):
     """Whole sequences of at most 64 tokens (the DiT's temporal attention over T frames), G heads of one batch entry
     per program as a batched product, so each load covers G heads' adjacent rows."""
-    b = tl.program_id(0)
-    g = tl.program_id(1) * G + tl.arange(0, G)[:, None, None]
-    m = tl.arange(0, BM)[None, :, None]
-    n = tl.arange(0, BN)[None, :, None]
-    d = tl.arange(0, D)[None, None, :]
-    q = tl.load(Q + b * sqb + g * sqh + m * sql + d, mask=(g < heads) & (m < len_q), other=0.0)
-    k = tl.load(K + b * skb + g * skh + n * skl + d, mask=(g < heads) & (n < len_k), other=0.0)
-    v = tl.load(V + b * svb + g * svh + n * svl + d, mask=(g < heads) & (n < len_k), other=0.0)
+    b, g, m, n, d, row_ok, col_ok, q, k, v, lse_off, lse_ok = _short_tile(
+        Q, K, V, sqb, sql, sqh, skb, skl, skh, svb, svl, svh, heads, len_q, len_k, D, BM, BN, G)
     s = tl.dot(q, tl.permute(k, (0, 2, 1))) * QK_SCALE
     s = tl.where(tl.arange(0, BN)[None, None, :] < len_k, s, float("-inf"))
     m_i = tl.max(s, 2)
     p = tl.exp2(s - m_i[:, :, None])
     l_i = tl.sum(p, 2)
     o = tl.dot(p.to(v.dtype), v) / l_i[:, :, None]
-    tl.store(O + b * sob + g * soh + m * sol + d, o.to(O.dtype.element_ty), mask=(g < heads) & (m < len_q))
-    g2 = tl.program_id(1) * G + tl.arange(0, G)[:, None]
-    rows = tl.arange(0, BM)[None, :]
-    tl.store(LSE + (b * heads + g2) * len_q + rows, (m_i + tl.log2(l_i)) * LN2, mask=(g2 < heads) & (rows < len_q))
+    tl.store(O + b * sob + g * soh + m * sol + d, o.to(O.dtype.element_ty), mask=row_ok)
+    tl.store(LSE + lse_off, (m_i + tl.log2(l_i)) * LN2, mask=lse_ok)
 
 
 @triton.autotune([triton.Config({"G": g}, num_warps=w) for g in (4, 8) for w in (2, 4)],
@@ -110,23 +184,13 @@ def _short_backward_kernel(Q, K, V, O, DO, LSE, DQ, DK, DV,
                            SCALE: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                            G: tl.constexpr):
     """Backward of _short_forward_kernel, same tiling. DO and DQ share strides, and so do DK and DV."""
-    b = tl.program_id(0)
-    g = tl.program_id(1) * G + tl.arange(0, G)[:, None, None]
-    m = tl.arange(0, BM)[None, :, None]
-    n = tl.arange(0, BN)[None, :, None]
-    d = tl.arange(0, D)[None, None, :]
-    row_ok = (g < heads) & (m < len_q)
-    col_ok = (g < heads) & (n < len_k)
+    b, g, m, n, d, row_ok, col_ok, q, k, v, lse_off, lse_ok = _short_tile(
+        Q, K, V, sqb, sql, sqh, skb, skl, skh, svb, svl, svh, heads, len_q, len_k, D, BM, BN, G)
     do_off = b * sdob + g * sdoh + m * sdol + d
     dk_off = b * sdkb + g * sdkh + n * sdkl + d
-    q = tl.load(Q + b * sqb + g * sqh + m * sql + d, mask=row_ok, other=0.0)
-    k = tl.load(K + b * skb + g * skh + n * skl + d, mask=col_ok, other=0.0)
-    v = tl.load(V + b * svb + g * svh + n * svl + d, mask=col_ok, other=0.0)
     o = tl.load(O + b * sob + g * soh + m * sol + d, mask=row_ok, other=0.0)
     do = tl.load(DO + do_off, mask=row_ok, other=0.0)
-    g2 = tl.program_id(1) * G + tl.arange(0, G)[:, None]
-    rows = tl.arange(0, BM)[None, :]
-    lse = tl.load(LSE + (b * heads + g2) * len_q + rows, mask=(g2 < heads) & (rows < len_q), other=0.0)
+    lse = tl.load(LSE + lse_off, mask=lse_ok, other=0.0)
 
     s = tl.dot(q, tl.permute(k, (0, 2, 1))) * (SCALE * LOG2E)
     p = tl.exp2(s - lse[:, :, None] * LOG2E)
@@ -182,6 +246,19 @@ def attention_backward_short(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
     return dq, dk, dv
 
 
+@triton_op("gvf::attention_backward_dq", mutates_args=())
+def attention_backward_dq(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          out: torch.Tensor, lse: torch.Tensor, scale: float) -> torch.Tensor:
+    """dq, contiguous, for long keys and values that need no gradient."""
+    b, len_q, heads, d = q.shape
+    grad_out = grad_out.contiguous()
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    wrap_triton(_backward_dq_kernel)[lambda meta: (triton.cdiv(len_q, meta["BM"]), b * heads)](
+        q, k, v, out, grad_out, lse.contiguous(), dq, *_strides(q, k, v, out, grad_out), heads, len_q, k.shape[1],
+        SCALE=scale, D=d)
+    return dq
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, scale = inputs
     ctx.save_for_backward(q, k, v, *output)
@@ -192,6 +269,8 @@ def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
     if max(q.shape[1], k.shape[1]) <= SHORT:
         dq, dk, dv = attention_backward_short(grad_out, q, k, v, out, lse, ctx.scale)
+    elif not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+        dq, dk, dv = attention_backward_dq(grad_out, q, k, v, out, lse, ctx.scale), None, None
     else:
         t = lambda x: x.transpose(1, 2)  # cuDNN's (B, H, L, D) views
         none = torch.empty((), dtype=torch.int64, device=q.device)  # dropout seed and offset, unused

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from models import attention
 from models.attention import CrossAttention, SelfAttention, low_rank_applies
 from models.layers import AbsolutePositionEmbedder, FeedForward, LayerNorm32, timestep_sinusoid
 
@@ -144,7 +145,7 @@ class DiT(nn.Module):
         h = self.input_layer(x) + self.pos_embedder(deformation_position_xyz).to(x.dtype)[:, None]
         c = self.t_embedder(t)
         image = self.image_cond_proj(cond_images).flatten(0, 1)
-        low_rank = self.static_low_rank(x)
+        low_rank = self.static_low_rank(x, static_latent)
         context = None if low_rank else self.static_cond_proj(static_latent)
         for blk in self.blocks:
             static = (dict(affine_context=(static_latent, self.static_cond_proj)) if low_rank
@@ -155,9 +156,10 @@ class DiT(nn.Module):
                 h = blk(h, c, image, static)
         return self.final_layer(h, c)
 
-    def static_low_rank(self, x: torch.Tensor) -> bool:
+    def static_low_rank(self, x: torch.Tensor, static_latent: torch.Tensor) -> bool:
         """Whether the static cross-attention runs in the condition's 14-d input space (attention.low_rank_cross_attention,
-        the same function): for inference on a GPU, where it is faster. Training keeps the (k, v) form, whose backward
-        is faster at head width 32, and the CPU keeps it too, so the golden-file parity path stays as published."""
-        return (x.is_cuda and not torch.is_grad_enabled()
-                and low_rank_applies(self.blocks[0].static_cross_attn, self.static_cond_proj.in_features))
+        the same function), which is faster on a GPU: always for inference, and in training where the Triton kernels
+        are on and the condition needs no gradient (it is data), so the attention's backward is the query-only kernel.
+        The CPU keeps the (k, v) form, so the golden-file parity path stays as published."""
+        return (x.is_cuda and low_rank_applies(self.blocks[0].static_cross_attn, self.static_cond_proj.in_features)
+                and (not torch.is_grad_enabled() or (attention.FUSED and not static_latent.requires_grad)))

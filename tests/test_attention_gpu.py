@@ -52,10 +52,32 @@ def test_fused_attention_matches_float64(dtype, b, lq, lk, h, d):
         assert (got.double() - ref).abs().max() < TOL[dtype] * max(1.0, ref.abs().max().item() / 4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,lq,lk,h,d,shared", [
+    (2, 300, 650, 3, 32, False),   # ragged last key block
+    (1, 3000, 4096, 1, 16, True),  # the DiT's low-rank static form: one head, keys = values
+])
+def test_query_only_backward_matches_float64(dtype, b, lq, lk, h, d, shared):
+    """Keys and values that need no gradient take the query-gradient-only kernel."""
+    q, k, v = _inputs(b, lq, lk, h, d, dtype, seed=lq)
+    k, v = k.detach(), (k.detach() if shared else v.detach())
+    scale = 0.25  # the low-rank form's scale is 1/sqrt(32) at width 16
+    out = att.attention(q, k, v, scale)
+    grad_out = torch.randn_like(out)
+    dq, = torch.autograd.grad(out, q, grad_out)
+    q64 = q.detach().double().requires_grad_()
+    want = _reference(q64, k, v, scale)
+    dq_want, = torch.autograd.grad(want, q64, grad_out.double())
+    assert (out.double() - want).abs().max() < TOL[dtype]
+    assert (dq.double() - dq_want).abs().max() < TOL[dtype] * max(1.0, dq_want.abs().max().item() / 4)
+
+
 def test_fused_attention_under_torch_compile():
     q, k, v = _inputs(2, 24, 24, 4, 32, torch.bfloat16, seed=0)
     q2, k2, v2 = _inputs(1, 200, 333, 2, 32, torch.bfloat16, seed=1)
-    fn = torch.compile(lambda a, b_, c, d, e, f: att.attention(a, b_, c).sum() + att.attention(d, e, f).square().sum())
+    # fullgraph: the dispatch (dtype, shape, GPU generation) must trace without a graph break
+    fn = torch.compile(lambda a, b_, c, d, e, f: att.attention(a, b_, c).sum() + att.attention(d, e, f).square().sum(),
+                       fullgraph=True)
     grads = torch.autograd.grad(fn(q, k, v, q2, k2, v2), (q, k, v, q2, k2, v2))
     eager = torch.autograd.grad(att.attention(q, k, v).sum() + att.attention(q2, k2, v2).square().sum(),
                                 (q, k, v, q2, k2, v2))
@@ -77,7 +99,34 @@ def test_dit_inference_on_gpu_matches_float64():
     with torch.no_grad():
         want = model.double()(*[a.double() for a in args])
         model.float().cuda()
-        assert model.static_low_rank(args[0].cuda())
+        assert model.static_low_rank(args[0].cuda(), args[3].cuda())
         with torch.autocast("cuda", torch.bfloat16):
             got = model(*[a.cuda() for a in args]).double().cpu()
     assert (got - want).abs().max() / want.abs().max() < 3e-2
+
+
+def test_dit_training_gradients_on_gpu_match_float64():
+    """A bf16 training step on the GPU (low-rank static form, query-only backward) gives the parameter gradients of the
+    published form in float64 on the CPU."""
+    cfg = load_config("configs/tiny/diffusion.yml").model
+    cfg.num_head_channels, cfg.num_heads = 32, 2
+    torch.manual_seed(1)
+    model = DiT(**cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    b, n, t_len = 2, cfg.resolution, 24
+    args = (torch.randn(b, t_len, n, cfg.in_channels), torch.tensor([5.0, 900.0]),
+            torch.randn(b, t_len, 37, cfg.image_cond_channels), torch.randn(b, 300, 14), torch.rand(b, n, 3) - 0.5)
+    weight = torch.randn(b, t_len, n, cfg.out_channels)
+    model.double()
+    grads_want = torch.autograd.grad((model(*[a.double() for a in args]) * weight.double()).sum(),
+                                     list(model.parameters()))
+    model.float().cuda()
+    assert model.static_low_rank(args[0].cuda(), args[3].cuda())
+    with torch.autocast("cuda", torch.bfloat16):
+        out = model(*[a.cuda() for a in args])
+    grads = torch.autograd.grad((out.float() * weight.cuda()).sum(), list(model.parameters()))
+    for (name, _), g, g_want in zip(model.named_parameters(), grads, grads_want):
+        err = (g.double().cpu() - g_want).norm() / g_want.norm().clamp_min(1e-12)
+        assert err < 5e-2, (name, err.item())
+

@@ -92,20 +92,28 @@ def test_golden_training_loss_with_the_dit():
 
 
 def test_low_rank_static_path_equals_the_published_form(monkeypatch):
-    """The GPU inference path runs the static cross-attention in the condition's input space; same function."""
+    """The GPU path runs the static cross-attention in the condition's input space: the same function, and (training)
+    the same parameter gradients."""
     cfg = load_config("configs/tiny/diffusion.yml").model
     torch.manual_seed(3)
-    model = DiT(**cfg).double().eval()
+    model = DiT(**cfg).double()
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.05)
     b, n, t_len = 2, cfg.resolution, 3
     args = (torch.randn(b, t_len, n, cfg.in_channels), torch.tensor([5.0, 900.0]),
             torch.randn(b, t_len, 6, cfg.image_cond_channels), torch.randn(b, 20, 14), torch.rand(b, n, 3) - 0.5)
     args = [a.double() for a in args]
-    with torch.no_grad():
-        assert not model.static_low_rank(args[0])  # CPU: the published form
-        want = model(*args)
-        monkeypatch.setattr(DiT, "static_low_rank", lambda self, x: True)
-        got = model(*args)
+    weight = torch.randn(b, t_len, n, cfg.out_channels, dtype=torch.float64)
+
+    def run():
+        out = model(*args)
+        return out, torch.autograd.grad((out * weight).sum(), list(model.parameters()))
+
+    assert not model.static_low_rank(args[0], args[3])  # CPU: the published form
+    want, grads_want = run()
+    monkeypatch.setattr(DiT, "static_low_rank", lambda self, x, static_latent: True)
+    got, grads = run()
     assert want.abs().max() > 0.1
     torch.testing.assert_close(got, want, rtol=0, atol=1e-11)
+    for (name, _), g, g_want in zip(model.named_parameters(), grads, grads_want):
+        torch.testing.assert_close(g, g_want, rtol=1e-9, atol=1e-11, msg=name)
