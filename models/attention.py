@@ -8,7 +8,6 @@ and the motion VAE's attention in general), `to_out`, and `q_rms_norm.gamma` / `
 """
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
@@ -24,17 +23,11 @@ except ImportError:
 FUSED = fused_attention is not None and os.environ.get("GVF_FUSED_ATTENTION", "1") != "0"
 
 
-@functools.lru_cache(maxsize=None)
-def _ampere_or_newer(device_index: int) -> bool:
-    """The kernels need bf16 tensor cores and cuDNN's attention backward: compute capability 8.0 or newer."""
-    return torch.cuda.get_device_capability(device_index)[0] >= 8
-
-
 def uses_fused_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return (FUSED and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.dtype == k.dtype == v.dtype
             and q.shape[-1] in (16, 32) and v.shape[-1] == q.shape[-1]
             and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
-            and _ampere_or_newer(q.device.index if q.device.index is not None else torch.cuda.current_device()))
+            and torch.cuda.get_device_capability(q.device)[0] >= 8)  # bf16 tensor cores, cuDNN attention backward
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:

@@ -133,26 +133,6 @@ def _backward_dq_kernel(Q, K, V, O, DO, LSE, DQ,
     tl.store(DQ + do_off, (dq * SCALE).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
-@triton.jit
-def _short_tile(Q, K, V, sqb, sql, sqh, skb, skl, skh, svb, svl, svh, heads, len_q, len_k,
-                D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, G: tl.constexpr):
-    """The whole-sequence kernels' tile: G heads of one batch entry as (G, rows, D) blocks. Returns the index grids
-    (b, g, m, n, d), the row and key masks, q, k and v, and the (G, BM) offsets and mask of the per-row LSE."""
-    b = tl.program_id(0)
-    g = tl.program_id(1) * G + tl.arange(0, G)[:, None, None]
-    m = tl.arange(0, BM)[None, :, None]
-    n = tl.arange(0, BN)[None, :, None]
-    d = tl.arange(0, D)[None, None, :]
-    row_ok = (g < heads) & (m < len_q)
-    col_ok = (g < heads) & (n < len_k)
-    q = tl.load(Q + b * sqb + g * sqh + m * sql + d, mask=row_ok, other=0.0)
-    k = tl.load(K + b * skb + g * skh + n * skl + d, mask=col_ok, other=0.0)
-    v = tl.load(V + b * svb + g * svh + n * svl + d, mask=col_ok, other=0.0)
-    g2 = tl.program_id(1) * G + tl.arange(0, G)[:, None]
-    rows = tl.arange(0, BM)[None, :]
-    return b, g, m, n, d, row_ok, col_ok, q, k, v, (b * heads + g2) * len_q + rows, (g2 < heads) & (rows < len_q)
-
-
 @triton.autotune([triton.Config({"G": g}, num_warps=w) for g in (4, 8) for w in (2, 4)],
                   key=["len_q", "len_k", "heads", "D"])
 @triton.jit
@@ -163,16 +143,24 @@ def _short_forward_kernel(Q, K, V, O, LSE,
                           G: tl.constexpr):
     """Whole sequences of at most 64 tokens (the DiT's temporal attention over T frames), G heads of one batch entry
     per program as a batched product, so each load covers G heads' adjacent rows."""
-    b, g, m, n, d, row_ok, col_ok, q, k, v, lse_off, lse_ok = _short_tile(
-        Q, K, V, sqb, sql, sqh, skb, skl, skh, svb, svl, svh, heads, len_q, len_k, D, BM, BN, G)
+    b = tl.program_id(0)
+    g = tl.program_id(1) * G + tl.arange(0, G)[:, None, None]
+    m = tl.arange(0, BM)[None, :, None]
+    n = tl.arange(0, BN)[None, :, None]
+    d = tl.arange(0, D)[None, None, :]
+    q = tl.load(Q + b * sqb + g * sqh + m * sql + d, mask=(g < heads) & (m < len_q), other=0.0)
+    k = tl.load(K + b * skb + g * skh + n * skl + d, mask=(g < heads) & (n < len_k), other=0.0)
+    v = tl.load(V + b * svb + g * svh + n * svl + d, mask=(g < heads) & (n < len_k), other=0.0)
     s = tl.dot(q, tl.permute(k, (0, 2, 1))) * QK_SCALE
     s = tl.where(tl.arange(0, BN)[None, None, :] < len_k, s, float("-inf"))
     m_i = tl.max(s, 2)
     p = tl.exp2(s - m_i[:, :, None])
     l_i = tl.sum(p, 2)
     o = tl.dot(p.to(v.dtype), v) / l_i[:, :, None]
-    tl.store(O + b * sob + g * soh + m * sol + d, o.to(O.dtype.element_ty), mask=row_ok)
-    tl.store(LSE + lse_off, (m_i + tl.log2(l_i)) * LN2, mask=lse_ok)
+    tl.store(O + b * sob + g * soh + m * sol + d, o.to(O.dtype.element_ty), mask=(g < heads) & (m < len_q))
+    g2 = tl.program_id(1) * G + tl.arange(0, G)[:, None]
+    rows = tl.arange(0, BM)[None, :]
+    tl.store(LSE + (b * heads + g2) * len_q + rows, (m_i + tl.log2(l_i)) * LN2, mask=(g2 < heads) & (rows < len_q))
 
 
 @triton.autotune([triton.Config({"G": g}, num_warps=w) for g in (4, 8) for w in (2, 4)],
@@ -183,14 +171,26 @@ def _short_backward_kernel(Q, K, V, O, DO, LSE, DQ, DK, DV,
                            sdkb, sdkl, sdkh, heads, len_q, len_k,
                            SCALE: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                            G: tl.constexpr):
-    """Backward of _short_forward_kernel, same tiling. DO and DQ share strides, and so do DK and DV."""
-    b, g, m, n, d, row_ok, col_ok, q, k, v, lse_off, lse_ok = _short_tile(
-        Q, K, V, sqb, sql, sqh, skb, skl, skh, svb, svl, svh, heads, len_q, len_k, D, BM, BN, G)
+    """Backward of _short_forward_kernel, same tiling. DO and DQ share strides, and so do DK and DV. The loads stay
+    inline here and in the forward: torch.compile's analysis of which tensors a kernel writes counts tensors loaded
+    inside a @triton.jit helper as written, and would copy them."""
+    b = tl.program_id(0)
+    g = tl.program_id(1) * G + tl.arange(0, G)[:, None, None]
+    m = tl.arange(0, BM)[None, :, None]
+    n = tl.arange(0, BN)[None, :, None]
+    d = tl.arange(0, D)[None, None, :]
+    row_ok = (g < heads) & (m < len_q)
+    col_ok = (g < heads) & (n < len_k)
     do_off = b * sdob + g * sdoh + m * sdol + d
     dk_off = b * sdkb + g * sdkh + n * sdkl + d
+    q = tl.load(Q + b * sqb + g * sqh + m * sql + d, mask=row_ok, other=0.0)
+    k = tl.load(K + b * skb + g * skh + n * skl + d, mask=col_ok, other=0.0)
+    v = tl.load(V + b * svb + g * svh + n * svl + d, mask=col_ok, other=0.0)
     o = tl.load(O + b * sob + g * soh + m * sol + d, mask=row_ok, other=0.0)
     do = tl.load(DO + do_off, mask=row_ok, other=0.0)
-    lse = tl.load(LSE + lse_off, mask=lse_ok, other=0.0)
+    g2 = tl.program_id(1) * G + tl.arange(0, G)[:, None]
+    rows = tl.arange(0, BM)[None, :]
+    lse = tl.load(LSE + (b * heads + g2) * len_q + rows, mask=(g2 < heads) & (rows < len_q), other=0.0)
 
     s = tl.dot(q, tl.permute(k, (0, 2, 1))) * (SCALE * LOG2E)
     p = tl.exp2(s - lse[:, :, None] * LOG2E)
