@@ -24,34 +24,14 @@ LN2 = tl.constexpr(0.6931471805599453)
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
-@triton.jit
-def _forward_block(q, k_ptrs, v_ptrs, start, skl, svl, len_k, m_i, l_i, acc, offs_n,
-                   QK_SCALE: tl.constexpr, MASK: tl.constexpr):
-    """One key block of the online softmax; only the ragged last block pays for masking."""
-    if MASK:
-        valid = (start + offs_n) < len_k
-        k = tl.load(k_ptrs + start * skl, mask=valid[:, None], other=0.0)
-        v = tl.load(v_ptrs + start * svl, mask=valid[:, None], other=0.0)
-        s = tl.where(valid[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
-    else:
-        k = tl.load(k_ptrs + start * skl)
-        v = tl.load(v_ptrs + start * svl)
-        s = tl.dot(q, tl.trans(k))
-    m_new = tl.maximum(m_i, tl.max(s, 1) * QK_SCALE)
-    p = tl.exp2(s * QK_SCALE - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-    return m_new, l_i, acc
-
-
 @triton.autotune([triton.Config({"BM": bm, "BN": bn}, num_warps=4, num_stages=4)
                    for bm, bn in ((128, 64), (64, 64), (64, 128))], key=["len_q", "len_k", "D"])
+@triton.heuristics({"EVEN_K": lambda args: args["len_k"] % args["BN"] == 0})
 @triton.jit
 def _forward_kernel(Q, K, V, O, LSE,
                     sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol, soh,
                     heads, len_q, len_k,
-                    QK_SCALE: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                    QK_SCALE: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, EVEN_K: tl.constexpr):
     """One (BM queries, batch, head) tile per program, online softmax over key blocks of BN. QK_SCALE is the softmax
     scale times log2(e), so the kernel works in base 2; LSE is stored in natural log, (B, H, Lq). The scale is a
     compile-time constant because torch.compile would pass a float argument as float64."""
@@ -69,11 +49,22 @@ def _forward_kernel(Q, K, V, O, LSE,
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
-    full = len_k - len_k % BN
-    for start in range(0, full, BN):
-        m_i, l_i, acc = _forward_block(q, k_ptrs, v_ptrs, start, skl, svl, len_k, m_i, l_i, acc, offs_n, QK_SCALE, False)
-    if full < len_k:
-        m_i, l_i, acc = _forward_block(q, k_ptrs, v_ptrs, full, skl, svl, len_k, m_i, l_i, acc, offs_n, QK_SCALE, True)
+    for start in range(0, len_k, BN):
+        if EVEN_K:  # no masking work in the inner loop when the keys fill whole blocks
+            k = tl.load(k_ptrs + start * skl)
+            v = tl.load(v_ptrs + start * svl)
+            s = tl.dot(q, tl.trans(k))
+        else:
+            valid = (start + offs_n) < len_k
+            k = tl.load(k_ptrs + start * skl, mask=valid[:, None], other=0.0)
+            v = tl.load(v_ptrs + start * svl, mask=valid[:, None], other=0.0)
+            s = tl.where(valid[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * QK_SCALE)
+        p = tl.exp2(s * QK_SCALE - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
 
     row_ok = offs_m < len_q
     tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty),
@@ -106,7 +97,8 @@ def _backward_dq_kernel(Q, K, V, O, DO, LSE, DQ,
                         heads, len_q, len_k,
                         SCALE: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """The query gradient alone, for long keys and values that need none (the DiT's static condition is data): the
-    same tiling as _forward_kernel, one pass over the keys per query tile, no atomics. DO and DQ share strides."""
+    same tiling as _forward_kernel, one pass over the keys per query tile, no atomics; only the ragged last key block
+    is masked. DO and DQ share strides."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // heads
