@@ -71,6 +71,7 @@ def case_dit_forward(args, device):
 
 def case_dit_train(args, device):
     cfg = load_config(ROOT / "configs/diffusion.yml").model
+    cfg.recompute_image_attn = cfg.get("recompute_image_attn", False) or args.recompute_image_attn
     model = randomise(DiT(**cfg)).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     model = maybe_compile(model)
@@ -82,7 +83,9 @@ def case_dit_train(args, device):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return "DiT training step (fwd+bwd+AdamW), T=24, batch 2", *timed(run, args, device)
+    label = "DiT training step (fwd+bwd+AdamW), T=24, batch 2" + (", image attention recomputed"
+                                                                  if cfg.recompute_image_attn else "")
+    return label, *timed(run, args, device)
 
 
 def vae_inputs(cfg, batch, frames, gaussians, device):
@@ -177,6 +180,8 @@ def main():
                     choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                     help="torch.compile the models first (optionally with a mode)")
     ap.add_argument("--profile", action="store_true", help="print a kernel table per case (GPU)")
+    ap.add_argument("--recompute-image-attn", action="store_true",
+                    help="DiT training step: recompute the image cross-attention in the backward (less memory)")
     ap.add_argument("--sdpa", default="auto", choices=["auto", "flash", "cudnn", "efficient"],
                     help="restrict scaled_dot_product_attention to one kernel family")
     args = ap.parse_args()

@@ -117,3 +117,32 @@ def test_low_rank_static_path_equals_the_published_form(monkeypatch):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-11)
     for (name, _), g, g_want in zip(model.named_parameters(), grads, grads_want):
         torch.testing.assert_close(g, g_want, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_recomputed_image_attention_gives_the_same_gradients_and_saves_its_keys_and_values():
+    cfg = load_config("configs/tiny/diffusion.yml").model
+    torch.manual_seed(4)
+    model = DiT(**cfg).double()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    b, n, t_len, img = 2, cfg.resolution, 3, 40
+    args = [a.double() for a in (torch.randn(b, t_len, n, cfg.in_channels), torch.tensor([5.0, 900.0]),
+                                 torch.randn(b, t_len, img, cfg.image_cond_channels), torch.randn(b, 20, 14),
+                                 torch.rand(b, n, 3) - 0.5)]
+    weight = torch.randn(b, t_len, n, cfg.out_channels, dtype=torch.float64)
+
+    def run(recompute):
+        for blk in model.blocks:
+            blk.recompute_image_attn = recompute
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            out = model(*args)
+        return torch.autograd.grad((out * weight).sum(), list(model.parameters())), sum(saved)
+
+    grads_want, saved_want = run(False)
+    grads, saved = run(True)
+    for (name, _), g, g_want in zip(model.named_parameters(), grads, grads_want):
+        torch.testing.assert_close(g, g_want, rtol=1e-12, atol=1e-14, msg=name)
+    # at least each block's image keys and values (b*t frames x img tokens x 2 x channels, float64) are not kept
+    assert saved_want - saved >= cfg.num_blocks * b * t_len * img * 2 * cfg.model_channels * 8
