@@ -71,7 +71,7 @@ def case_dit_forward(args, device):
 
 def case_dit_train(args, device):
     cfg = load_config(ROOT / "configs/diffusion.yml").model
-    cfg.recompute_image_attn = cfg.get("recompute_image_attn", False) or args.recompute_image_attn
+    cfg.recompute_image_attn = args.recompute_image_attn
     model = randomise(DiT(**cfg)).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     model = maybe_compile(model)

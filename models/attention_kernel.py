@@ -24,6 +24,15 @@ LN2 = tl.constexpr(0.6931471805599453)
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
+@triton.jit
+def _tile_indices(heads, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """The tiled kernels' program: batch b, head h, their flat index bh, and the query, key and feature offsets of its
+    (BM queries, batch, head) tile. Indices only: loads stay in the kernels (see _short_backward_kernel)."""
+    bh = tl.program_id(1)
+    return (bh // heads, bh % heads, bh, tl.program_id(0) * BM + tl.arange(0, BM), tl.arange(0, BN),
+            tl.arange(0, D))
+
+
 @triton.autotune([triton.Config({"BM": bm, "BN": bn}, num_warps=4, num_stages=4)
                    for bm, bn in ((128, 64), (64, 64), (64, 128))], key=["len_q", "len_k", "D"])
 @triton.heuristics({"EVEN_K": lambda args: args["len_k"] % args["BN"] == 0})
@@ -35,13 +44,7 @@ def _forward_kernel(Q, K, V, O, LSE,
     """One (BM queries, batch, head) tile per program, online softmax over key blocks of BN. QK_SCALE is the softmax
     scale times log2(e), so the kernel works in base 2; LSE is stored in natural log, (B, H, Lq). The scale is a
     compile-time constant because torch.compile would pass a float argument as float64."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // heads
-    h = bh % heads
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = tl.arange(0, BN)
-    offs_d = tl.arange(0, D)
+    b, h, bh, offs_m, offs_n, offs_d = _tile_indices(heads, D, BM, BN)
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :], mask=offs_m[:, None] < len_q, other=0.0)
     k_ptrs = K + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :]
     v_ptrs = V + b * svb + h * svh + offs_n[:, None] * svl + offs_d[None, :]
@@ -99,13 +102,7 @@ def _backward_dq_kernel(Q, K, V, O, DO, LSE, DQ,
     """The query gradient alone, for long keys and values that need none (the DiT's static condition is data): the
     same tiling as _forward_kernel, one pass over the keys per query tile, no atomics; only the ragged last key block
     is masked. DO and DQ share strides."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // heads
-    h = bh % heads
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = tl.arange(0, BN)
-    offs_d = tl.arange(0, D)
+    b, h, bh, offs_m, offs_n, offs_d = _tile_indices(heads, D, BM, BN)
     row_ok = offs_m < len_q
     do_off = b * sdob + h * sdoh + offs_m[:, None] * sdol + offs_d[None, :]
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :], mask=row_ok[:, None], other=0.0)

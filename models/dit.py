@@ -82,7 +82,6 @@ class DiTBlock(nn.Module):
         h = modulate(self.norm5(x), shift_mlp, scale_mlp)
         return x + gate_mlp.view(b, 1, 1, ch) * self.mlp(h)
 
-
     def image_attention(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """Step 3 without the residual. Its keys and values, 1370 per frame, are the block's largest saved activations
         in training (about 135 MB at batch 2, T=24): `recompute_image_attn` recomputes them in the backward instead."""
