@@ -91,7 +91,8 @@ def parse_args(argv=None):
     ap.add_argument("--guidance-scale2", type=float)
     ap.add_argument("--seed", type=int)
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="autocast on a GPU")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the DiT (GPU; pays off over many inputs)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the DiT with CUDA graphs (GPU; pays off over many inputs)")
     ap.add_argument("--orbit-frames", type=int, default=48, help="frames of orbit.mp4 (one turn)")
     ap.add_argument("--overwrite", action="store_true", help="redo inputs whose outputs exist")
     ap.add_argument("--no-metrics", action="store_true")

@@ -39,8 +39,10 @@ class MotionStage:
                  num_static_cond: int, normalize_position_xyz: bool = True, dtype: torch.dtype = torch.float32,
                  compile: bool = False):
         self.dit, self.motion_vae = dit.eval(), motion_vae.eval()
-        # torch.compile makes the DiT forward about 0.6x as long on an H100 (BENCHMARKS.md); the decode stays eager
-        self.model_fn = torch.compile(self.dit) if compile else self.dit
+        # CUDA graphs ("reduce-overhead"): the compiled forward is launch-bound without them (T=32 on an H200: 18.9 ms
+        # with, 19.2 to 25.0 ms without, BENCHMARKS.md). A replay overwrites the last output; the solver has already
+        # turned it into a new x0 tensor by then. The decode stays eager (faster so).
+        self.model_fn = torch.compile(self.dit, mode="reduce-overhead") if compile else self.dit
         self.device = next(dit.parameters()).device
         self.stats = {k: v.to(self.device, torch.float32) for k, v in stats.items()}
         self.sampling = sample_kwargs(sampling)
