@@ -127,7 +127,7 @@ class DiT(nn.Module):
         self.static_cond_proj = nn.Linear(static_cond_channels, model_channels)
         self.blocks = nn.ModuleList(
             DiTBlock(model_channels, num_heads, mlp_ratio, qk_rms_norm, qk_rms_norm_cross, not no_temporal_attn,
-                     recompute_image_attn)
+                     recompute_image_attn and not use_checkpoint)  # whole-block checkpointing recomputes it anyway
             for _ in range(num_blocks))
         self.final_layer = FinalLayer(model_channels, out_channels)
         self.initialize_weights()
