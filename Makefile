@@ -1,11 +1,12 @@
 # make demo   installs what is needed, then runs the demo (outputs/demo/)
 # make test   installs what is needed (.venv, CPU torch unless a GPU is present), then runs the test suite
+# make pack   trains a pack from nothing with configs/small (one GPU, about 25 minutes; rerun to continue)
 # make bench  runs the benchmarks on this machine
 # make setup  installs only
 PY := .venv/bin/python
 STAMP := .venv/.gvf-setup-stamp
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test pack bench clean
 
 $(STAMP): setup.sh requirements.txt requirements-gpu.txt requirements-dev.txt
 	./setup.sh --dev
@@ -15,10 +16,13 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) inference_dpm_latent.py --pack assets/pack --input assets/examples --canonical assets/examples \
 		--out outputs/demo --overwrite
-	@echo "outputs: outputs/demo/<input>/ (ply/, animation.npz, orbit.mp4, grid.png, summary.json)"
+	@echo "outputs: outputs/demo/<input>/ (ply/, animation.npz, orbit.mp4, compare.mp4, grid.png, summary.json)"
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+pack: $(STAMP)
+	scripts/train_pack.sh
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_render.py

@@ -151,13 +151,13 @@ def encode_all(enc: Encoder, dataset: VAEDataset, data_root: Path, indices: list
     return failures, done
 
 
-def write_stats(stats_dir: Path, data_root: Path, names: list[str]) -> list[str]:
+def write_stats(stats_dir: Path, data_root: Path, names: list[str], posterior_draws: bool = True) -> list[str]:
     """Compute and write the statistics over the objects that have latents; returns the names left out."""
     have = [n for n in names if layout.latent_path(data_root, n).is_file()]
     if not have:
         print(f"encode_latent: no latents under {data_root / 'latents'}; no statistics written")
         return list(names)
-    stats = compute_latent_stats(data_root, have)
+    stats = compute_latent_stats(data_root, have, posterior_draws)
     for which, value in stats.items():
         path = layout.latent_stats_path(stats_dir, which)
         if path.is_file():
@@ -211,7 +211,7 @@ def main(argv=None) -> int:
             print(f"encode_latent: {len(names) - len(failures) - done} encoded, {done} already done, "
                   f"{len(failures)} failed, under {data_root}")
         status = report_failures(failures, len(names), "objects")
-        missing = write_stats(stats_dir, data_root, names)
+        missing = write_stats(stats_dir, data_root, names, dcfg.data.get("posterior_draws", True))
         if missing and args.stats_only:
             print(f"encode_latent: {len(missing)} selected objects have no latents (first: {missing[0]})")
     state.wait_for_everyone()

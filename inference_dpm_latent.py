@@ -15,8 +15,11 @@ a folder of them, a video (mp4, mov, mkv, webm, avi, gif) or a folder of frames,
   first frame's silhouette (one batched pass of silhouette renders).
 
 Per input, under --out/<name>/: ply/frame_XXXX.ply (standard 3DGS PLY per frame), animation.npz (canonical + Δ,
-reloadable with utils.gaussians), orbit.mp4, grid.png (frames × 4 views), summary.json (stage times, model evaluations,
-peak memory, metrics). Inputs are sharded over processes; a failing input is reported by name at the end (exit 1).
+reloadable with utils.gaussians), orbit.mp4, compare.mp4 (per frame: the input frame fed to the model | the 4D result
+from the input camera | from a camera orbiting once over the clip), grid.png (frames × 4 views), summary.json (stage
+times, model evaluations, peak memory, metrics; "motion": mean displacement per frame, and for prepared samples the
+end-point error against the oracle, i.e. the mesh motion interpolated at the Gaussians, and the displacement ratio).
+Inputs are sharded over processes; a failing input is reported by name at the end (exit 1).
 """
 from __future__ import annotations
 
@@ -29,13 +32,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from accelerate import PartialState
 from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from datasets import layout
 from datasets.latent_dataset import load_latent_stats
-from datasets.vae_dataset import composite, load_rgba, pool_voxels
+from datasets.vae_dataset import VAEDataset, composite, load_rgba, pool_voxels
 from models.dit import DiT
 from models.motion_vae import MotionVAE
 from models.sparse import SparseVoxels
@@ -52,7 +56,8 @@ from utils.image_features import get_extractor
 from utils.logging import report_failures
 from utils.losses import load_lpips
 from utils.matting import prepare_video_frames, trellis_preprocess
-from utils.metrics import ImageMetrics
+from utils.metrics import ImageMetrics, motion_statistics
+from utils.pointcloud import interpolate_displacements
 from utils.render import rasterize
 from utils.video import VideoReadError, is_video_input, read_frames, to_uint8, write_video
 
@@ -95,7 +100,7 @@ def parse_args(argv=None):
                     help="torch.compile the DiT with CUDA graphs (GPU; pays off over many inputs)")
     ap.add_argument("--orbit-frames", type=int, default=48, help="frames of orbit.mp4 (one turn)")
     ap.add_argument("--overwrite", action="store_true", help="redo inputs whose outputs exist")
-    ap.add_argument("--no-metrics", action="store_true")
+    ap.add_argument("--no-metrics", action="store_true", help="no ground-truth metrics (images, motion error)")
     return ap.parse_args(argv)
 
 
@@ -220,7 +225,7 @@ def static_reconstruction(models: Models, sample: Path, extractor_name: str, dev
 
 
 def sample_inputs(models: Models, job: Job, args, num_frames: int, device):
-    """Tokens (T, L, C), canonical, ground-truth loader for a prepared sample."""
+    """Tokens (T, L, C), canonical, the conditioning frames (T, 3, H, W) and an info dict for a prepared sample."""
     views = sorted(job.path.glob("imgs/timestep_00_view_*.png"))
     frames = sum(1 for _ in job.path.glob(f"imgs/timestep_*_view_{COND_VIEW:02d}.png"))
     if frames == 0:
@@ -230,11 +235,13 @@ def sample_inputs(models: Models, job: Job, args, num_frames: int, device):
     for i in range(t):
         rgb, alpha = load_rgba(layout.image_path(job.path, i, COND_VIEW))
         images.append(composite(rgb, alpha, COND_BACKGROUND, blur=False))
-    tokens = models.extractor(torch.stack(images))
+    images = torch.stack(images)
+    tokens = models.extractor(images)
     ply = canonical_ply(args, job)
     canonical = Gaussians.load_ply(ply).to(device) if ply else \
         static_reconstruction(models, job.path, models.voxel_extractor, device)
-    return tokens, canonical, {"frames": t, "views": len(views), "canonical": str(ply) if ply else "static VAE"}
+    return tokens, canonical, images, {"frames": t, "views": len(views),
+                                       "canonical": str(ply) if ply else "static VAE"}
 
 
 def image_to_3d_stage(models: Models, args, device):
@@ -302,10 +309,11 @@ def video_inputs(models: Models, job: Job, args, num_frames: int, device):
     ext, K = front_camera(device)
     a = align_to_silhouette(canonical, video.alpha[0, 0], ext, K)
     canonical = rotate_z(canonical, a.azimuth)
-    return tokens, canonical, {**extra, "frames": len(video.images), "canonical": str(ply) if ply else "image-to-3D",
-                               "matting": video.matting,
-                               "fps": video.fps, "crop_box": list(video.box),
-                               "alignment": {"azimuth_deg": a.azimuth, "scale": a.scale, "silhouette_iou": a.iou}}
+    return tokens, canonical, video.images, {**extra, "frames": len(video.images),
+                                             "canonical": str(ply) if ply else "image-to-3D", "matting": video.matting,
+                                             "fps": video.fps, "crop_box": list(video.box),
+                                             "alignment": {"azimuth_deg": a.azimuth, "scale": a.scale,
+                                                           "silhouette_iou": a.iou}}
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -315,7 +323,42 @@ def render_views(frames: Gaussians, extrinsics, intrinsics, size: int, backgroun
     return rasterize(frames, extrinsics[:, None], intrinsics[:, None], size, size, background=background).rgb[:, 0]
 
 
-def write_outputs(out: Path, canonical: Gaussians, delta: torch.Tensor, s, fps: float) -> dict:
+COMPARE_LABELS = ("input", "4D, input view", "4D, orbit")
+
+
+def label_patch(text: str, width: int) -> np.ndarray:
+    """White `text` on a black band (readable on any background), at most `width` wide: (h, w, 3) uint8."""
+    from PIL import Image, ImageDraw, ImageFont
+    font = ImageFont.load_default()
+    _, _, right, bottom = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((3, 2), text, font=font)
+    band = Image.new("RGB", (min(right + 3, width), bottom + 3))
+    ImageDraw.Draw(band).text((3, 2), text, fill=(255, 255, 255), font=font)
+    return np.asarray(band)
+
+
+def compare_frames(frames: Gaussians, inputs: torch.Tensor, s) -> np.ndarray:
+    """The frames of compare.mp4: (T, R, 3·R, 3) uint8 at the sampling resolution R = s.resolution, frame t of every
+    column side by side. Columns: the input frames (T, 3, h, w) resized to R; the animation `frames` (T, N) from the
+    input camera (front_camera: the video is view 0; a video's canonical is already turned to its silhouette); the
+    same from an orbit camera whose azimuth advances with the frame (360°·t/T) at the config's elevation, radius and
+    fov. All on the input's background, so the columns compare like with like; each column carries its label."""
+    t, dev, size = len(inputs), frames.xyz.device, s.resolution
+    src = F.interpolate(inputs.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    ext, K = front_camera(dev)
+    front = render_views(frames, ext.expand(t, 4, 4), K.expand(t, 3, 3), size, COND_BACKGROUND)
+    ext_o, K_o = orbit_cameras(torch.arange(t) * (360.0 / t), s.elevation_deg, s.radius, s.fov_deg)
+    orbit = render_views(frames, ext_o.to(dev), K_o.to(dev), size, COND_BACKGROUND)
+    panels = []
+    for panel, text in zip((src.permute(0, 2, 3, 1), front, orbit), COMPARE_LABELS):
+        panel = to_uint8(panel.cpu()).copy()   # to_uint8 passes uint8 through: copy before drawing on it
+        patch = label_patch(text, size)
+        panel[:, : patch.shape[0], : patch.shape[1]] = patch  # the same band on every frame: drawn once
+        panels.append(panel)
+    return np.concatenate(panels, axis=2)
+
+
+def write_outputs(out: Path, canonical: Gaussians, delta: torch.Tensor, s, fps: float, inputs: torch.Tensor) -> dict:
+    """The files of one input (module docstring); `inputs` (T, 3, h, w) are the frames the model saw."""
     frames = canonical.apply_delta(delta)                                                     # (T, N)
     write_ply_sequence(frames.to("cpu"), out / "ply", overwrite=True)
     c = canonical.to("cpu")
@@ -336,6 +379,7 @@ def write_outputs(out: Path, canonical: Gaussians, delta: torch.Tensor, s, fps: 
     orbit = torch.cat([render_views(frames.map(lambda x: x[idx[i:i + 8]]), ext[i:i + 8].to(dev), K[i:i + 8].to(dev),
                                     s.resolution, bg) for i in range(0, k, 8)])
     write_video(out / "orbit.mp4", orbit.cpu(), fps=fps, overwrite=True)
+    write_video(out / "compare.mp4", compare_frames(frames, inputs, s), fps=fps, overwrite=True)
     ext4, K4 = orbit_cameras(torch.tensor([0.0, 90.0, 180.0, 270.0]), s.elevation_deg, s.radius, s.fov_deg)
     grid = rasterize(frames, ext4.to(dev), K4.to(dev), s.resolution, s.resolution, background=bg).rgb  # (T, 4, H, W, 3)
     grid = grid.permute(1, 2, 0, 3, 4).reshape(4 * s.resolution, t * s.resolution, 3)        # rows views, columns frames
@@ -362,6 +406,25 @@ def held_out_views(job: Job, num_frames: int, device) -> list[tuple[torch.Tensor
             exts.append(e), ks.append(k)
         out.append((torch.stack(gts).to(device), torch.stack(exts).to(device), torch.stack(ks).to(device)))
     return out
+
+
+def mesh_motion(job: Job, num_frames: int, num_points: int, extractor: str) -> dict:
+    """A prepared sample's mesh points as the motion VAE trains on them (datasets/vae_dataset.py): static_pc (P, 3) at
+    frame 0 and deltas (T, P, 3) from it. Drawn as for a dataset of this one object (index 0), so that evaluate.py
+    and summary.json use the same points whatever list the object comes from."""
+    return VAEDataset(job.path.parent, [job.path.name], num_points=num_points, num_timesteps=num_frames,
+                      sample_timesteps=num_frames, train=False, extractor=extractor, images=False).load(0)
+
+
+@torch.no_grad()
+def oracle_delta_xyz(canonical_xyz: torch.Tensor, static_pc: torch.Tensor, deltas: torch.Tensor,
+                     motion_vae) -> torch.Tensor:
+    """The oracle Δxyz (T, N, 3) of canonical Gaussians at `canonical_xyz` (N, 3): the true mesh displacements
+    interpolated at each centre by the mesh-guided KNN, exactly the motion VAE's xyz training target
+    (utils/losses.mesh_guided_xyz_loss, with the VAE's k and beta)."""
+    static_pc, deltas = static_pc.to(canonical_xyz), deltas.to(canonical_xyz)
+    return interpolate_displacements(canonical_xyz[None], static_pc[None], (static_pc + deltas)[None],
+                                     k=motion_vae.knn_k, beta=motion_vae.beta)[0]
 
 
 @torch.no_grad()
@@ -392,7 +455,7 @@ def run_job(job: Job, models: Models, args, metrics: ImageMetrics | None, device
     num_frames = args.num_frames or s.num_frames
     t0 = time.perf_counter()
     get = sample_inputs if job.kind == "sample" else video_inputs
-    tokens, canonical, info = get(models, job, args, num_frames, device)
+    tokens, canonical, inputs, info = get(models, job, args, num_frames, device)
     seconds = {"inputs": time.perf_counter() - t0}
     seed = s.seed if args.seed is None else args.seed
     result = models.motion(canonical, tokens, seed=seed)
@@ -400,16 +463,21 @@ def run_job(job: Job, models: Models, args, metrics: ImageMetrics | None, device
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     s = argparse.Namespace(**{**s.to_dict(), "orbit_frames": args.orbit_frames})
-    written = write_outputs(out, canonical, result.delta, s, fps=float(info.get("fps") or 12.0))
+    written = write_outputs(out, canonical, result.delta, s, float(info.get("fps") or 12.0), inputs)
     seconds["outputs"] = time.perf_counter() - t0
     summary = {"input": str(job.path), "kind": job.kind, **info, **written, "seed": seed, "model_evaluations": result.nfe,
                "seconds": seconds, "peak_gpu_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30
                                                           if device.type == "cuda" else None)}
+    oracle = None
     if metrics is not None and job.kind == "sample":
         t0 = time.perf_counter()
         views = held_out_views(job, result.delta.shape[0], device)
         summary["metrics"] = ground_truth_metrics(views, canonical, result.delta, metrics)
+        if layout.frame_deltas_path(job.path).is_file():  # a sample with renders but no mesh points has no oracle
+            mesh = mesh_motion(job, result.delta.shape[0], models.motion.motion_vae.num_inputs, models.voxel_extractor)
+            oracle = oracle_delta_xyz(canonical.xyz, mesh["static_pc"], mesh["deltas"], models.motion.motion_vae)
         seconds["metrics"] = time.perf_counter() - t0
+    summary["motion"] = motion_statistics(result.delta[..., :3], oracle)
     atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1)), overwrite=True)
     return summary
 
@@ -443,6 +511,11 @@ def main(argv=None) -> int:
             if "metrics" in summary:
                 m = summary["metrics"]["mean"]
                 line += ", " + ", ".join(f"{k.upper()} {v:.3f}" for k, v in m.items())
+            motion = summary.get("motion", {})
+            if motion.get("ratio") is not None:  # generated / true mean displacement: 1 moves as much as the object
+                line += f", motion ratio {motion['ratio']:.2f} (EPE {motion['epe']:.4f})"
+            elif "displacement" in motion:
+                line += f", mean displacement {motion['displacement']:.4f}"
             print(line + f" -> {args.out / name}")
         status = report_failures(failures, len(jobs), "inputs")
     return status

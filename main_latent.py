@@ -35,7 +35,7 @@ def build_dataset(cfg, data_root: Path, list_file: Path | None) -> LatentDataset
     stats = load_latent_stats(cfg.data.stats_dir or data_root)
     return LatentDataset(data_root, names, stats, num_frames=cfg.train.sample_timesteps, extractor=cfg.data.image_encoder,
                          uncond_p=cfg.train.uncond_p, normalize_position_xyz=cfg.data.normalize_position_xyz,
-                         seed=cfg.train.seed)
+                         posterior_draws=cfg.data.posterior_draws, seed=cfg.train.seed)
 
 
 def main(argv=None) -> int:
@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     model = DiT(**cfg.model)
     if args.init:
         load_weights(model, args.init)
+    if cfg.train.compile and torch.cuda.is_available():
+        model.compile()  # in place: the state dict keeps its names, so checkpoints and EMA are unchanged
     diffusion = GaussianDiffusion.from_config(cfg.diffusion)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 

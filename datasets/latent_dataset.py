@@ -2,7 +2,8 @@
 the per-frame image tokens, normalised with the four statistics files.
 
 Per item: a fresh latent draw mean + std·ε over T frames chosen from the clip (sorted; all of them when T equals the clip
-length), x = (latent - deformation_mean) / deformation_std, static = (fps_4096 - static_mean) / static_std, token
+length), or the posterior mean itself with `posterior_draws=False` (see compute_latent_stats for why),
+x = (latent - deformation_mean) / deformation_std, static = (fps_4096 - static_mean) / static_std, token
 positions = the 512 anchors' xyz normalised by the static statistics' xyz part (spec §10.7: the same normalisation is
 used when sampling), and the matching frames' image tokens. With probability `uncond_p` all image tokens of the item
 are zeroed (classifier-free guidance dropout); the static condition is never dropped. Randomness comes from
@@ -30,13 +31,15 @@ def load_latent_stats(stats_dir) -> dict[str, torch.Tensor]:
     return out
 
 
-def compute_latent_stats(data_root, names: list[str]) -> dict[str, torch.Tensor]:
+def compute_latent_stats(data_root, names: list[str], posterior_draws: bool = True) -> dict[str, torch.Tensor]:
     """The four normalisation tensors from encoded latents (spec §7: not downloadable, so computed here).
 
-    deformation_{mean,std} (C,): per channel, over all objects, frames and tokens, of the latents the DiT trains on,
-    which are draws mean + std·ε; their moments are exact from the stored posteriors (E[x] = E[μ],
-    E[x²] = E[μ² + σ²]), no sampling needed. static_{mean,std} (14,): per channel of fps_sampled_gs_4096.
-    Accumulated in float64.
+    deformation_{mean,std} (C,): per channel, over all objects, frames and tokens, of the latents the DiT trains on.
+    Draws mean + std·ε (published, `posterior_draws`): their moments are exact from the stored posteriors
+    (E[x] = E[μ], E[x²] = E[μ² + σ²]), no sampling needed. Posterior means (`posterior_draws=False`): E[μ²] only.
+    Why the choice matters: with the published KL weight (1e-6) channels the decoder ignores keep σ of 5-12 while the
+    informative ones spread μ by about 1, so the draws' std, and the DiT's target, is mostly posterior noise
+    (docs/training_notes.md). static_{mean,std} (14,): per channel of fps_sampled_gs_4096. Accumulated in float64.
     """
     if not names:
         raise ValueError(f"compute_latent_stats: no latents to compute statistics from under {data_root}")
@@ -52,7 +55,8 @@ def compute_latent_stats(data_root, names: list[str]) -> dict[str, torch.Tensor]
         path = layout.latent_path(data_root, name)
         latent = torch.load(path, map_location="cpu", weights_only=True)
         mu, sd = latent["latent_mean"].double(), latent["latent_std"].double()
-        add("deformation", mu.reshape(-1, mu.shape[-1]), (mu * mu + sd * sd).reshape(-1, mu.shape[-1]))
+        second = mu * mu + sd * sd if posterior_draws else mu * mu
+        add("deformation", mu.reshape(-1, mu.shape[-1]), second.reshape(-1, mu.shape[-1]))
         gs = latent["fps_sampled_gs_4096"].double()
         add("static", gs, gs * gs)
     out = {}
@@ -66,7 +70,7 @@ def compute_latent_stats(data_root, names: list[str]) -> dict[str, torch.Tensor]
 class LatentDataset(Dataset):
     def __init__(self, data_root, names: list[str], stats: dict[str, torch.Tensor], *, num_frames: int = 24,
                  extractor: str = layout.DEFAULT_EXTRACTOR, uncond_p: float = 0.1, normalize_position_xyz: bool = True,
-                 train: bool = True, seed: int = 0):
+                 posterior_draws: bool = True, train: bool = True, seed: int = 0):
         if not names:
             raise ValueError(f"LatentDataset: no samples under {data_root}")
         self.data_root, self.names, self.stats = Path(data_root), list(names), stats
@@ -74,6 +78,7 @@ class LatentDataset(Dataset):
             layout.resolve_sample(self.data_root, name)
         self.num_frames, self.extractor, self.uncond_p = num_frames, extractor, uncond_p
         self.normalize_position_xyz, self.train, self.seed = normalize_position_xyz, train, seed
+        self.posterior_draws = posterior_draws
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -99,7 +104,9 @@ class LatentDataset(Dataset):
             frames = np.arange(self.num_frames)
         frames = torch.from_numpy(frames)
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        x = mean[frames] + std[frames] * torch.randn(mean[frames].shape, generator=gen)
+        x = mean[frames]
+        if self.posterior_draws:
+            x = x + std[frames] * torch.randn(x.shape, generator=gen)
         s = self.stats
         xyz = latent["fps_sampled_gs_1024"][:, :3].float()  # the 512 anchors (published key name)
         if self.normalize_position_xyz:

@@ -120,7 +120,8 @@ def test_paper_diffusion_training_and_sampling_values():
 
 
 def test_motion_vae_block_is_shared_and_consistent_with_the_dit():
-    for vae_file, diff_file in [("vae.yml", "diffusion.yml"), ("tiny/vae.yml", "tiny/diffusion.yml")]:
+    for vae_file, diff_file in [("vae.yml", "diffusion.yml"), ("tiny/vae.yml", "tiny/diffusion.yml"),
+                                ("small/vae.yml", "small/diffusion.yml")]:
         vae, diff = load_config(CONFIGS / vae_file), load_config(CONFIGS / diff_file)
         assert diff.motion_vae.to_dict() == vae.model.to_dict(), (vae_file, diff_file)
         assert diff.model.in_channels == diff.model.out_channels == diff.motion_vae.latent_dim
@@ -142,7 +143,7 @@ def test_tiny_configs_override_sizes_and_inherit_the_rest():
     assert (a.model_channels, a.num_blocks, a.num_heads, a.in_channels) == (64, 2, 4, 32)
     assert a.out_channels == 112 and a.attn_mode == "swin" and a.window_size == 8  # inherited
     assert vae.static_vae.framework.args.representation_config.MipGS.scaling_bias == 0.004  # inherited 4 levels down
-    assert vae.train.batch_size == 1 and vae.train.lr == 5e-5 and vae.train.kl_weight == 1e-6
+    assert vae.train.batch_size == 1 and vae.train.lr == 5e-5 and vae.train.kl_weight == 1e-4
     assert "base" not in vae
 
     diff = load_config(CONFIGS / "tiny" / "diffusion.yml")
@@ -151,16 +152,18 @@ def test_tiny_configs_override_sizes_and_inherit_the_rest():
     assert diff.model.qk_rms_norm is True and diff.model.static_cond_channels == 14  # inherited
     assert diff.diffusion.steps == 1000 and diff.diffusion.noise_schedule == "cosine"  # inherited
     assert diff.sampling.t_end == 1e-3 and diff.train.uncond_p == 0.1
+    assert diff.data.posterior_draws is False and load_config(CONFIGS / "diffusion.yml").data.posterior_draws is True
 
 
+@pytest.mark.parametrize("scale", ["tiny", "small"])
 @pytest.mark.parametrize("name", ["vae.yml", "diffusion.yml"])
-def test_tiny_configs_have_the_paper_structure(name):
+def test_scaled_configs_have_the_paper_structure(scale, name):
     paper = load_config(CONFIGS / name).to_dict()
-    tiny_raw = yaml.safe_load((CONFIGS / "tiny" / name).read_text())
-    assert tiny_raw.pop("base") == f"../{name}"
-    # A key in the tiny file that the paper file lacks is a typo: it would silently change nothing.
-    assert key_paths(tiny_raw) <= key_paths(paper)
-    assert key_paths(load_config(CONFIGS / "tiny" / name).to_dict()) == key_paths(paper)
+    raw = yaml.safe_load((CONFIGS / scale / name).read_text())
+    assert raw.pop("base") == f"../{name}"
+    # A key in the scaled file that the paper file lacks is a typo: it would silently change nothing.
+    assert key_paths(raw) <= key_paths(paper)
+    assert key_paths(load_config(CONFIGS / scale / name).to_dict()) == key_paths(paper)
 
 
 # ---------------------------------------------------------------------------------------------- Config object

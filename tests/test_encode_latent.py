@@ -150,6 +150,38 @@ def test_latent_stats_match_sampled_latents():
     torch.testing.assert_close(stats["static_std"].double(), gs.std(0, unbiased=False), atol=1e-6, rtol=1e-6)
 
 
+def test_posterior_means_mode_uses_means_in_statistics_and_items(tmp_path):
+    """posterior_draws=False: statistics of μ alone (population moments in float64, by hand) and items that are the
+    normalised means themselves, whatever the seed; the default draws differ from them."""
+    from datasets.latent_dataset import LatentDataset
+    g = torch.Generator().manual_seed(1)
+    mus = []
+    for i in range(2):
+        mu = torch.randn(6, 8, 3, generator=g) * 2 + i
+        latent = {"latent_mean": mu, "latent_std": torch.full_like(mu, 5.0),  # noise far larger than the signal
+                  "fps_sampled_gs_1024": torch.randn(8, 14, generator=g), "fps_sampled_gs_4096": torch.randn(16, 14, generator=g)}
+        path = layout.latent_path(tmp_path, f"o{i}")
+        path.parent.mkdir(parents=True)
+        torch.save(latent, path)
+        layout.write_cond_features(layout.cond_features_path(tmp_path, f"o{i}", "patch"),
+                                   torch.randn(6, 5, 4, generator=g).half())
+        mus.append(mu)
+    stats = compute_latent_stats(tmp_path, ["o0", "o1"], posterior_draws=False)
+    flat = torch.stack(mus).double().reshape(-1, 3).numpy()
+    n = len(flat)
+    mean = [sum(flat[:, c]) / n for c in range(3)]
+    std = [(sum((flat[:, c] - mean[c]) ** 2) / n) ** 0.5 for c in range(3)]
+    torch.testing.assert_close(stats["deformation_mean"].double(), torch.tensor(mean, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(stats["deformation_std"].double(), torch.tensor(std, dtype=torch.float64), atol=0, rtol=1e-5)
+
+    means = LatentDataset(tmp_path, ["o0", "o1"], stats, num_frames=6, extractor="patch", uncond_p=0.0,
+                          posterior_draws=False, seed=7)
+    want = (mus[1] - stats["deformation_mean"]) / stats["deformation_std"]
+    torch.testing.assert_close(means[1]["x"], want)
+    draws = LatentDataset(tmp_path, ["o0", "o1"], stats, num_frames=6, extractor="patch", uncond_p=0.0, seed=7)
+    assert (draws[1]["x"] - want).abs().mean() > 1.0  # σ = 5 against a unit-scale normalised mean
+
+
 def test_mean_motion_baseline_is_the_per_frame_mean():
     """scripts/evaluate.py's mean-motion latents: per frame, the mean over objects and tokens, against a direct loop."""
     import tempfile

@@ -14,7 +14,7 @@ from datasets import layout
 from models.dit import DiT
 from models.motion_vae import MotionVAE
 from models.static_vae import StaticVAE
-from utils.cameras import load_blender_camera
+from utils.cameras import load_blender_camera, orbit_cameras
 from utils.checkpoint import save_checkpoint
 from utils.config import load_config
 from utils.gaussians import Gaussians, read_ply
@@ -77,6 +77,11 @@ def test_prepared_sample_outputs_and_metrics(world, monkeypatch):
     video, _ = read_frames(d / "orbit.mp4")
     assert video.shape[0] == 8 and video.shape[1] == load_config(DIT).sampling.resolution
     assert Image.open(d / "grid.png").size == (8 * 128, 4 * 128)
+    _check_compare(d / "compare.mp4", data / name, plys, load_config(DIT).sampling)
+    # The motion block: mean |Δxyz| per frame of animation.npz, recomputed in numpy.
+    disp = np.linalg.norm(npz["delta"][..., :3].astype(np.float64), axis=-1).mean(1)
+    np.testing.assert_allclose(summary["motion"]["displacement_per_frame"], disp, rtol=1e-5)
+    assert summary["motion"]["displacement"] == pytest.approx(disp[1:].mean(), rel=1e-5) and "epe" in summary["motion"]
     # PSNR of frame 3 recomputed here from the PLY, the ground-truth PNGs and cameras, in numpy.
     g = read_ply(plys[3])
     values = []
@@ -92,6 +97,35 @@ def test_prepared_sample_outputs_and_metrics(world, monkeypatch):
     stamp = (d / "summary.json").stat().st_mtime_ns
     assert _run("--pack", pack, "--input", data / name, "--out", out) == 0
     assert (d / "summary.json").stat().st_mtime_ns == stamp
+
+
+def _check_compare(path, sample, plys, s):
+    """compare.mp4: per animation frame t, [input view 0 of frame t | PLY t from view 0's camera | PLY t from the
+    orbit camera at 360°·t/T], each R x R on black, labelled; every panel is rebuilt here and compared below the
+    label band (the codec leaves a few levels of error; another frame or column gives far more)."""
+    video, _ = read_frames(path)
+    r, t = s.resolution, len(plys)
+    assert video.shape == (t, r, 3 * r, 3)
+    video = video.astype(np.float64) / 255
+    ext, K = inference.front_camera(torch.device("cpu"))
+    ext_o, K_o = orbit_cameras(torch.arange(t) * (360.0 / t), s.elevation_deg, s.radius, s.fov_deg)
+    expected = []
+    for i, ply in enumerate(plys):
+        rgba = Image.open(layout.image_path(sample, i, 0)).convert("RGBA").resize((r, r), Image.BILINEAR)
+        rgba = np.asarray(rgba, dtype=np.float64) / 255
+        g = read_ply(ply)
+        render = lambda e, k: rasterize(g, e[None], k[None], r, r, background=0.0).rgb[0].double().numpy()
+        expected.append(np.concatenate([rgba[..., :3] * rgba[..., 3:], render(ext, K), render(ext_o[i], K_o[i])], 1))
+    expected = np.stack(expected)
+    band = 20  # the labels sit in the top rows
+    for c in range(3):  # column by column: a mean over all three would hide one wrong column
+        col = lambda x: x[:, band:, c * r:(c + 1) * r]
+        err = lambda ref: np.abs(col(video) - col(ref)).mean()
+        assert err(expected) < 0.002, (c, err(expected))
+        assert err(expected[::-1]) > 2 * err(expected), c                  # frame order matters
+        assert err(np.roll(expected, r, axis=2)) > 2 * err(expected), c    # column order matters
+        # White label text on every frame, where the render is black background.
+        assert (video[:, :band, c * r: c * r + r // 2] > 0.8).any(-1).sum((1, 2)).min() > 10, c
 
 
 def test_videos_with_canonical_and_a_corrupt_one(world, capsys):
@@ -128,6 +162,9 @@ def test_videos_with_canonical_and_a_corrupt_one(world, capsys):
     az = summary["alignment"]["azimuth_deg"]
     assert abs(az - 270.0) <= 15.0 and summary["alignment"]["silhouette_iou"] > 0.6, summary["alignment"]
     assert len(list((out / "good" / "ply").glob("*.ply"))) == 6
+    r = load_config(DIT).sampling.resolution
+    assert read_frames(out / "good" / "compare.mp4")[0].shape == (6, r, 3 * r, 3)  # the clip's 6 frames, 3 panels
+    assert "ratio" not in summary["motion"] and len(summary["motion"]["displacement_per_frame"]) == 6
     assert not (out / "broken").exists() or not (out / "broken" / "summary.json").exists()
 
 

@@ -1,0 +1,77 @@
+"""scripts/train_pack.sh at the tiny scale on the CPU: interrupted in its VAE stage, rerun to the end, rerun again.
+What must hold: a SIGTERM stops it with status 3 after the trainer saved; the rerun skips the finished stages, resumes
+the trainer to its last step and writes a float16 pack equal to the runs' EMA weights; a third run does nothing."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from utils.checkpoint import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("data", "vae", "latents", "dit", "pack", "evaluate")
+
+
+def _command(tmp: Path) -> list[str]:
+    quiet = ["data.num_workers=0", "train.log_interval=1"]
+    return ["bash", "scripts/train_pack.sh", "--scale", "tiny", "--data", str(tmp / "data"), "--runs", str(tmp / "runs"),
+            "--num", "3", "--test-fraction", "0.34", "--workers", "1", "--python", sys.executable, "--eval-limit", "1",
+            *(a for kv in ["train.max_steps=8", "train.static_vae_steps=4", "train.save_interval=1",
+                           "train.image_interval=100", *quiet] for a in ("--vae-set", kv)),
+            *(a for kv in ["train.max_steps=3", *quiet] for a in ("--dit-set", kv))]
+
+
+def _env() -> dict:
+    env = {**os.environ, "GVF_LPIPS_HUB": "off", "OMP_NUM_THREADS": "1"}
+    env.pop("GVF_LPIPS_DIR", None)
+    return env
+
+
+def _latest_step(run: Path) -> int:
+    return int((run / "checkpoints" / "latest").read_text().strip().split("_")[1])
+
+
+def test_train_pack_interrupt_resume_and_skip(tmp_path):
+    runs = tmp_path / "runs"
+    first = subprocess.Popen(_command(tmp_path), cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    deadline = time.monotonic() + 400
+    while not (runs / "vae" / "checkpoints" / "latest").exists():  # the VAE trainer's first checkpoint
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0][-3000:]
+        time.sleep(0.2)
+    first.send_signal(signal.SIGTERM)
+    out = first.communicate(timeout=300)[0]
+    assert first.returncode == 3, out[-3000:]
+    assert "vae: interrupted" in out
+    assert (runs / "done" / "data").is_file() and not (runs / "done" / "vae").exists()
+    stopped_at = _latest_step(runs / "vae")
+    assert 1 <= stopped_at < 8
+
+    second = subprocess.run(_command(tmp_path), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-4000:]
+    assert "== data: done earlier, skipped" in out and "--resume latest" in out
+    assert _latest_step(runs / "vae") == 8 and _latest_step(runs / "dit") == 3
+    assert all((runs / "done" / s).is_file() for s in STAGES)
+    # The minutes table lists every stage once (the interrupted VAE's two runs summed) and a total.
+    table = [line for line in out.splitlines() if line.startswith("| ")]
+    assert [line.split("|")[1].strip() for line in table[2:]] == [*STAGES, "total"]
+
+    # The pack holds the runs' EMA weights, rounded to float16 (float64 buffers kept).
+    for name, run in (("static_vae", "vae"), ("motion_vae", "vae"), ("dit", "dit")):
+        ckpt = runs / run / "checkpoints" / (runs / run / "checkpoints" / "latest").read_text().strip()
+        ema, _, _ = load_checkpoint(ckpt / f"ema_{name}.safetensors")
+        packed, _, _ = load_checkpoint(runs / "pack" / f"{name}.safetensors")
+        assert packed.keys() == ema.keys()
+        for k, v in ema.items():
+            want = v.to(torch.float16) if v.dtype == torch.float32 else v
+            assert packed[k].dtype == want.dtype and torch.equal(packed[k], want), (name, k)
+    assert (runs / "eval" / "metrics.json").is_file()
+
+    third = subprocess.run(_command(tmp_path), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert all(f"== {s}: done earlier, skipped" in third.stdout for s in STAGES)
