@@ -16,7 +16,8 @@ a folder of them, a video (mp4, mov, mkv, webm, avi, gif) or a folder of frames,
 
 Per input, under --out/<name>/: ply/frame_XXXX.ply (standard 3DGS PLY per frame), animation.npz (canonical + Δ,
 reloadable with utils.gaussians), orbit.mp4, compare.mp4 (per frame: the input frame fed to the model | the 4D result
-from the input camera | from a camera orbiting once over the clip), grid.png (frames × 4 views), summary.json (stage
+from the input camera | from a camera orbiting once over the clip), grid.png (frames × 4 views, labelled, the object
+framed to fill its cells, on grey), summary.json (stage
 times, model evaluations, peak memory, metrics; "motion": mean displacement per frame, and for prepared samples the
 end-point error against the oracle, i.e. the mesh motion interpolated at the Gaussians, and the displacement ratio).
 Inputs are sharded over processes; a failing input is reported by name at the end (exit 1).
@@ -357,6 +358,42 @@ def compare_frames(frames: Gaussians, inputs: torch.Tensor, s) -> np.ndarray:
     return np.concatenate(panels, axis=2)
 
 
+GRID_AZIMUTHS = (0.0, 90.0, 180.0, 270.0)
+GRID_BACKGROUND = 0.5  # neutral grey: pale and dark objects both stand out
+
+
+def grid_image(frames: Gaussians, s, margin: float = 0.08) -> np.ndarray:
+    """grid.png as (H, W, 3) uint8: rows the views at GRID_AZIMUTHS (s's elevation, radius, fov), columns the frames.
+    Every cell shows the same square crop, the union of the object's silhouettes over all frames and views plus a
+    `margin`, resized to R = s.resolution: the object fills its cell, and sizes and motion stay comparable between
+    cells. Frame numbers label the columns, azimuths the rows."""
+    t, dev, size = frames.xyz.shape[0], frames.xyz.device, s.resolution
+    ext, K = orbit_cameras(torch.tensor(GRID_AZIMUTHS), s.elevation_deg, s.radius, s.fov_deg)
+    out = rasterize(frames, ext.to(dev), K.to(dev), size, size, background=GRID_BACKGROUND)
+    rgb = out.rgb.flatten(0, 1).movedim(-1, 1).float().cpu()                  # (T·4, 3, R, R), frame-major
+    seen = (out.alpha[..., 0] > 0.05).flatten(0, 1).any(0).cpu()              # (R, R) union of the silhouettes
+    if seen.any():
+        ys, xs = torch.nonzero(seen, as_tuple=True)
+        side = min(size, int((max(ys.max() - ys.min(), xs.max() - xs.min()) + 1) * (1 + 2 * margin)) + 1)
+        y0 = int(min(max((ys.max() + ys.min() + 1) // 2 - side // 2, 0), size - side))
+        x0 = int(min(max((xs.max() + xs.min() + 1) // 2 - side // 2, 0), size - side))
+        rgb = F.interpolate(rgb[..., y0:y0 + side, x0:x0 + side], size=(size, size), mode="bilinear",
+                            antialias=True, align_corners=False)
+    cells = to_uint8(rgb.movedim(1, -1).reshape(t, len(GRID_AZIMUTHS), size, size, 3))
+    body = cells.transpose(1, 2, 0, 3, 4).reshape(len(GRID_AZIMUTHS) * size, t * size, 3)   # rows views, cols frames
+    tops = [label_patch(f"frame {i}", size) for i in range(t)]
+    lefts = [label_patch(f"{a:g}°", size) for a in GRID_AZIMUTHS]
+    top, left = max(p.shape[0] for p in tops), max(p.shape[1] for p in lefts)
+    canvas = np.full((top + body.shape[0], left + body.shape[1], 3), to_uint8(torch.tensor(GRID_BACKGROUND)),
+                     dtype=np.uint8)
+    canvas[top:, left:] = body
+    for i, p in enumerate(tops):
+        canvas[:p.shape[0], left + i * size: left + i * size + p.shape[1]] = p
+    for j, p in enumerate(lefts):
+        canvas[top + j * size: top + j * size + p.shape[0], :p.shape[1]] = p
+    return canvas
+
+
 def write_outputs(out: Path, canonical: Gaussians, delta: torch.Tensor, s, fps: float, inputs: torch.Tensor) -> dict:
     """The files of one input (module docstring); `inputs` (T, 3, h, w) are the frames the model saw."""
     frames = canonical.apply_delta(delta)                                                     # (T, N)
@@ -380,12 +417,9 @@ def write_outputs(out: Path, canonical: Gaussians, delta: torch.Tensor, s, fps: 
                                     s.resolution, bg) for i in range(0, k, 8)])
     write_video(out / "orbit.mp4", orbit.cpu(), fps=fps, overwrite=True)
     write_video(out / "compare.mp4", compare_frames(frames, inputs, s), fps=fps, overwrite=True)
-    ext4, K4 = orbit_cameras(torch.tensor([0.0, 90.0, 180.0, 270.0]), s.elevation_deg, s.radius, s.fov_deg)
-    grid = rasterize(frames, ext4.to(dev), K4.to(dev), s.resolution, s.resolution, background=bg).rgb  # (T, 4, H, W, 3)
-    grid = grid.permute(1, 2, 0, 3, 4).reshape(4 * s.resolution, t * s.resolution, 3)        # rows views, columns frames
+    grid = grid_image(frames, s)
     from PIL import Image
-    atomic_write(out / "grid.png", lambda tmp: Image.fromarray(to_uint8(grid.cpu())).save(tmp, format="PNG"),
-                 overwrite=True)
+    atomic_write(out / "grid.png", lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"), overwrite=True)
     return {"ply_frames": t, "gaussians": len(canonical)}
 
 
