@@ -17,9 +17,9 @@ a folder of them, a video (mp4, mov, mkv, webm, avi, gif) or a folder of frames,
 Per input, under --out/<name>/: ply/frame_XXXX.ply (standard 3DGS PLY per frame), animation.npz (canonical + Δ,
 reloadable with utils.gaussians), orbit.mp4, compare.mp4 (per frame: the input frame fed to the model | the 4D result
 from the input camera | from a camera orbiting once over the clip), grid.png (frames × 4 views, labelled, the object
-framed to fill its cells, on grey), summary.json (stage
-times, model evaluations, peak memory, metrics; "motion": mean displacement per frame, and for prepared samples the
-end-point error against the oracle, i.e. the mesh motion interpolated at the Gaussians, and the displacement ratio).
+framed to fill its cells, on grey), summary.json (stage times, model evaluations, peak memory, metrics; "motion": mean
+displacement per frame, and for prepared samples the end-point error against the oracle, i.e. the mesh motion
+interpolated at the Gaussians, and the displacement ratio).
 Inputs are sharded over processes; a failing input is reported by name at the end (exit 1).
 """
 from __future__ import annotations
