@@ -63,7 +63,10 @@ if [ "$force" = 0 ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 else
   if [ "$mode" = cpu ]; then
     # Torch first, exactly pinned; then everything else under a constraint that keeps that torch.
-    "$py" -c 'import torch' 2>/dev/null || pip_install "$CPU_TORCH"
+    if ! "$py" -c 'import torch' 2>/dev/null; then
+      echo "setup.sh: installing $CPU_TORCH, CPU build (about 200 MB; a minute or two)"
+      pip_install "$CPU_TORCH"
+    fi
   elif ! "$py" -c 'import torch, sys; sys.exit(0 if torch.version.cuda else 1)' 2>/dev/null; then
     echo "setup.sh: --cuda needs a CUDA build of torch visible to $PYTHON; install one first (https://pytorch.org)" >&2
     exit 1
@@ -71,7 +74,11 @@ else
   tver=$("$py" -c 'import torch; print(torch.__version__)')
   constraints="$venv/.torch-constraint.txt"
   echo "torch==${tver}" > "$constraints"
-  for r in "${reqs[@]}"; do pip_install -r "$r" -c "$constraints"; done
+  for r in "${reqs[@]}"; do
+    # Say what is coming: pip -q is silent for the minute the larger packages take.
+    echo "setup.sh: installing $r: $(grep -v '^\s*#' "$r" | sed 's/[<>=!~;[ ].*//' | grep . | tr '\n' ' ')"
+    pip_install -r "$r" -c "$constraints"
+  done
   echo "$want" > "$stamp"
   echo "setup.sh: installed into $venv (torch $tver, $mode)"
 fi

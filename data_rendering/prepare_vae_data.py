@@ -22,6 +22,7 @@ from datasets import layout
 from utils.cameras import load_blender_camera
 from utils.feature_lifting import lift_features, voxelize_mesh
 from utils.fileio import atomic_write
+from utils import cli
 from utils.logging import report_failures
 
 NUM_POINTS = 8192
@@ -157,4 +158,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -37,6 +37,7 @@ try:
     from data_rendering import blender_render as br
 except ImportError:  # run as a script: data_rendering/ itself is on sys.path
     import blender_render as br
+from utils import cli  # noqa: E402
 from utils.logging import report_failures  # noqa: E402  (blender_render put the project root on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -304,4 +305,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

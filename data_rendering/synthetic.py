@@ -969,5 +969,6 @@ if __name__ == "__main__":  # `python -m data_rendering.synthetic --out data/syn
     import sys
 
     from data_rendering.synthetic_dataset import main
+    from utils import cli
 
-    sys.exit(main())
+    sys.exit(cli.run(main))

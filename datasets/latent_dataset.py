@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from datasets import layout
+from utils.checkpoint import safe_load
 
 
 def load_latent_stats(stats_dir) -> dict[str, torch.Tensor]:
@@ -27,7 +28,7 @@ def load_latent_stats(stats_dir) -> dict[str, torch.Tensor]:
         path = layout.latent_stats_path(stats_dir, which)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: latent statistics not found; encode_latent.py writes them")
-        out[which] = torch.load(path, map_location="cpu", weights_only=True).float()
+        out[which] = safe_load(path).float()
     return out
 
 
@@ -53,7 +54,7 @@ def compute_latent_stats(data_root, names: list[str], posterior_draws: bool = Tr
 
     for name in names:
         path = layout.latent_path(data_root, name)
-        latent = torch.load(path, map_location="cpu", weights_only=True)
+        latent = safe_load(path)
         mu, sd = latent["latent_mean"].double(), latent["latent_std"].double()
         second = mu * mu + sd * sd if posterior_draws else mu * mu
         add("deformation", mu.reshape(-1, mu.shape[-1]), second.reshape(-1, mu.shape[-1]))
@@ -90,7 +91,7 @@ class LatentDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         name = self.names[index]
         path = layout.latent_path(self.data_root, name)
-        latent = torch.load(path, map_location="cpu", weights_only=True)
+        latent = safe_load(path)
         mean, std = latent["latent_mean"].float(), latent["latent_std"].float()
         # float16 as stored: half the bytes through the loader workers; the trainer casts on the device
         tokens = layout.read_cond_features(layout.cond_features_path(self.data_root, name, self.extractor), torch.float16)

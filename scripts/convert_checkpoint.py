@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from utils.checkpoint import (CheckpointError, check_state_dict, load_checkpoint, load_published,  # noqa: E402
                               save_checkpoint, save_published, summarize)
+from utils import cli  # noqa: E402
 from utils.config import ConfigError, load_config  # noqa: E402
 
 # kind -> (default config file, section, model module, class, constructor kwargs from the section).
@@ -125,13 +126,9 @@ def reverse(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        print(reverse(args) if args.reverse else forward(args))
-    except (CheckpointError, ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    print(reverse(args) if args.reverse else forward(args))  # refusals: one line and status 2 through cli.run
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

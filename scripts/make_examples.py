@@ -21,6 +21,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import inference_dpm_latent as inference  # noqa: E402
 from datasets import layout  # noqa: E402
+from utils import cli  # noqa: E402
 from utils.gaussians import write_ply  # noqa: E402
 from utils.video import write_video  # noqa: E402
 
@@ -54,4 +55,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from utils import cli  # noqa: E402
 from utils.cameras import orbit_cameras  # noqa: E402
 from utils.gaussians import Gaussians, read_ply, write_ply  # noqa: E402
 from utils.render import rasterize  # noqa: E402
@@ -106,4 +107,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

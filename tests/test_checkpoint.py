@@ -22,6 +22,7 @@ from torch import nn
 
 from reference import load_manifest
 from scripts import convert_checkpoint
+from utils import cli
 from utils.checkpoint import (CheckpointError, check_state_dict, load_checkpoint, load_published,
                               load_state_dict_strict, save_checkpoint, save_published)
 from utils.config import load_config
@@ -374,27 +375,25 @@ def test_converter_cli_end_to_end(tmp_path):
 
 def test_converter_bad_input_exits_non_zero(tmp_path, capsys):
     # In-process (a subprocess costs ~2 s of torch import each); the CLI wiring is covered above.
-    main = convert_checkpoint.main
+    main = lambda argv: cli.run(convert_checkpoint.main, argv)  # as the command line runs it
     torch.save({"w": torch.ones(2)}, tmp_path / "in.pt")
     assert main([str(tmp_path / "in.pt"), str(tmp_path / "out.safetensors"), "--kind", "dit", "--no-validate"]) == 0
-    assert main([str(tmp_path / "in.pt"), str(tmp_path / "out.safetensors"), "--kind", "dit", "--no-validate"]) == 1
+    assert main([str(tmp_path / "in.pt"), str(tmp_path / "out.safetensors"), "--kind", "dit", "--no-validate"]) == 2
     assert "already exists" in capsys.readouterr().err
     assert main([str(tmp_path / "in.pt"), str(tmp_path / "out.safetensors"), "--kind", "dit", "--no-validate",
                  "--overwrite"]) == 0
 
-    assert main([str(tmp_path / "nope.pt"), str(tmp_path / "x.safetensors"), "--kind", "dit"]) == 1
+    assert main([str(tmp_path / "nope.pt"), str(tmp_path / "x.safetensors"), "--kind", "dit"]) == 2
     assert str(tmp_path / "nope.pt") in capsys.readouterr().err
 
     torch.save({"w": torch.ones(2), "evil": _MakeDir(tmp_path / "marker")}, tmp_path / "evil.pt")
-    assert main([str(tmp_path / "evil.pt"), str(tmp_path / "x.safetensors"), "--kind", "dit"]) == 1
+    assert main([str(tmp_path / "evil.pt"), str(tmp_path / "x.safetensors"), "--kind", "dit"]) == 2
     assert "refused" in capsys.readouterr().err and not (tmp_path / "marker").exists()
 
-    assert main([str(tmp_path / "out.safetensors"), str(tmp_path / "x.pt"), "--reverse", "--kind", "motion_vae"]) == 1
+    assert main([str(tmp_path / "out.safetensors"), str(tmp_path / "x.pt"), "--reverse", "--kind", "motion_vae"]) == 2
     assert "holds kind 'dit'" in capsys.readouterr().err
 
-    with pytest.raises(SystemExit) as exc:  # argparse usage error: no --kind
-        main([str(tmp_path / "in.pt"), str(tmp_path / "x.safetensors")])
-    assert exc.value.code == 2
+    assert main([str(tmp_path / "in.pt"), str(tmp_path / "x.safetensors")]) == 2  # argparse usage error: no --kind
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.pt", "in.pt", "out.safetensors"]
 
 
@@ -421,7 +420,7 @@ def test_converter_validates_against_the_built_model(tmp_path, monkeypatch, caps
 
     bad = {**tiny_state(), "lin.weight": torch.zeros(4, 4)}
     torch.save(bad, tmp_path / "bad.pt")
-    assert convert_checkpoint.main([str(tmp_path / "bad.pt"), str(tmp_path / "bad.safetensors"), "--kind", "dit"]) == 1
+    assert cli.run(convert_checkpoint.main, [str(tmp_path / "bad.pt"), str(tmp_path / "bad.safetensors"), "--kind", "dit"]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "bad.pt") in err and "lin.weight: expected (4, 3) got (4, 4)" in err
     assert not (tmp_path / "bad.safetensors").exists()

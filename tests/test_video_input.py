@@ -176,7 +176,7 @@ def test_frame_without_foreground_is_named(tmp_path):
 def test_unreadable_inputs_raise_video_read_error(tmp_path):
     bad = tmp_path / "noise.mp4"
     bad.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
-    with pytest.raises(VideoReadError, match=r"noise\.mp4: cannot decode video"):
+    with pytest.raises(VideoReadError, match=r"noise\.mp4: is not a readable video"):
         read_frames(bad)
     (tmp_path / "noise.gif").write_bytes(bad.read_bytes())
     with pytest.raises(VideoReadError, match=r"noise\.gif"):
@@ -211,3 +211,42 @@ def test_rembg_without_weights_says_how_to_get_them(tmp_path, monkeypatch):
     assert str(tmp_path / "no_weights" / "u2net.onnx") in str(e.value) and "U2NET_HOME" in str(e.value)
     with pytest.raises(ValueError, match="alpha channel"):
         matte(clip(1)[0], "alpha")
+
+
+def test_empty_zero_frame_and_one_frame_videos_say_so(tmp_path):
+    import subprocess
+
+    import imageio_ffmpeg
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    with pytest.raises(VideoReadError, match=r"empty\.mp4: the file is empty \(0 bytes\)"):
+        read_frames(tmp_path / "empty.mp4")
+    # A valid MP4 container that holds no frames at all (ffmpeg's own words for it are "Error opening output files").
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-f", "lavfi", "-i", "color=s=64x64:r=10",
+                    "-frames:v", "0", "-c:v", "libx264", str(tmp_path / "zero.mp4")], check=True)
+    with pytest.raises(VideoReadError, match=r"zero\.mp4: has no video frames .*0 frames"):
+        read_frames(tmp_path / "zero.mp4")
+    frames, _ = clip(1)
+    write_video(tmp_path / "one.mp4", frames, fps=12)
+    with pytest.raises(ValueError, match=r"one\.mp4: has 1 frame; asked for 4 frames"):
+        read_frames(tmp_path / "one.mp4", num_frames=4)
+
+
+def test_huge_frames_are_shrunk_as_read_with_one_warning(tmp_path):
+    """A 4000 x 300 frame folder: the longer side comes back at MAX_SIDE, the disc where the scale puts it."""
+    from utils.video import MAX_SIDE
+    folder = tmp_path / "big"
+    folder.mkdir()
+    w, h, cx, cy, r = 4000, 300, 1000.0, 150.0, 100.0
+    yy, xx = np.mgrid[0:h, 0:w] + 0.5
+    mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+    for i in range(2):
+        Image.fromarray(np.where(mask[..., None], FG, BG).astype(np.uint8)).save(folder / f"{i}.png")
+    with pytest.warns(UserWarning, match=r"big: frames of 4000x300 pixels are large; shrunk to 2048x154") as rec:
+        got, _ = read_frames(folder)
+    assert len([w_ for w_ in rec if "large" in str(w_.message)]) == 1  # once per clip, not per frame
+    f = MAX_SIDE / w
+    assert got.shape == (2, round(h * f), MAX_SIDE, 3)
+    fg = np.abs(got[0].astype(int) - FG).sum(-1) < 60
+    assert abs(centroid_x(fg) - cx * f) < 1.0 and abs(fg.sum() - np.pi * (r * f) ** 2) < 0.05 * np.pi * (r * f) ** 2
+    small, _ = read_frames(folder, max_side=None)  # opting out keeps the full size
+    assert small.shape == (2, h, w, 3)

@@ -19,6 +19,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -49,36 +50,43 @@ class CheckpointError(ValueError):
 
 # ---------------------------------------------------------------------------------------------- published .pt files
 
-def load_published(path: str | os.PathLike, map_location: Any = "cpu", key: str | None = None) -> dict[str, torch.Tensor]:
-    """Read a published `.pt` state dict with `torch.load(weights_only=True)`; return {name: tensor}, `module.` stripped.
+def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """`torch.load(path, weights_only=True)` with one-line refusals (CheckpointError naming the file): the owner of
+    every read of a `.pt` file (published weights, latents, statistics, training states).
 
-    A file whose unpickling would need anything beyond tensors and plain containers is refused (CheckpointError) and is
-    never re-read with full pickle. A bare state dict or one wrapper of WRAPPER_KEYS is accepted (`key` picks one).
+    A file whose unpickling would need anything beyond tensors and plain containers is refused and never re-read with
+    full pickle; torch's advice to retry with weights_only=False is deliberately not passed on.
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found" + (" (it is a directory)" if path.is_dir() else ""))
+        raise CheckpointError(f"{path}: file not found" + (" (it is a directory)" if path.is_dir() else ""))
     try:
-        if _looks_like_safetensors(path):
-            raise CheckpointError(f"{path}: this is a safetensors file (our format), not a published .pt state dict; "
-                                  f"read it with load_checkpoint (or convert_checkpoint.py --reverse)")
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except CheckpointError:
-        raise
-    except pickle.UnpicklingError as exc:
-        # The weights-only unpickler stopped before running anything. Torch's message advises retrying with
-        # weights_only=False; that advice is deliberately not passed on.
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them anyway
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:  # the weights-only unpickler stopped before running anything
         blocked = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if blocked:
             raise CheckpointError(
-                f"{path}: refused: this is not a plain tensor state dict, and unpickling it could execute code (it needs "
-                f"the Python global {blocked.group(1)}). It was not loaded and is never re-read with full pickle; "
-                f"re-save it as a plain state dict from code you trust.") from None
-        raise CheckpointError(f"{path}: refused: corrupt pickle data, or pickle features a plain tensor state dict does "
-                              f"not use ({_unpickler_detail(str(exc))}); nothing in it was executed.") from None
+                f"{path}: refused: not plain tensors, and unpickling it could execute code (it needs the Python global "
+                f"{blocked.group(1)}); it was not loaded. Re-save it as plain tensors from code you trust.") from None
+        raise CheckpointError(f"{path}: refused: corrupt pickle data, or pickle features plain tensor files do not "
+                              f"use ({_unpickler_detail(str(exc))}); nothing in it was executed.") from None
     except Exception as exc:  # zip/stream errors of truncated files, EOFError of empty ones, KeyError of junk, OSError
-        raise CheckpointError(f"{path}: corrupt, truncated or not a PyTorch checkpoint "
-                              f"({type(exc).__name__}: {str(exc).strip()[:200]})") from exc
+        raise CheckpointError(f"{path}: corrupt, truncated or not a PyTorch file "
+                              f"({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]})") from None
+
+
+def load_published(path: str | os.PathLike, map_location: Any = "cpu", key: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a published `.pt` state dict through safe_load; return {name: tensor}, `module.` stripped.
+
+    A bare state dict or one wrapper of WRAPPER_KEYS is accepted (`key` picks one).
+    """
+    path = Path(path)
+    if path.is_file() and _looks_like_safetensors(path):
+        raise CheckpointError(f"{path}: this is a safetensors file (our format), not a published .pt state dict; "
+                              f"read it with load_checkpoint (or convert_checkpoint.py --reverse)")
+    obj = safe_load(path, map_location)
     return _as_state_dict(obj, path, key)
 
 
@@ -90,10 +98,17 @@ def _looks_like_safetensors(path: Path) -> bool:
 
 
 def _unpickler_detail(text: str) -> str:
-    for line in text.splitlines():
-        if "WeightsUnpickler error" in line or "Unsupported" in line:
-            return line.strip()[:200]
-    return text.strip().splitlines()[0][:200] if text.strip() else "unreadable pickle"
+    """The reason in torch's weights-only error, without its boilerplate (which advises weights_only=False)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith("Unsupported") or "Unsupported global" in ln:
+            return ln[:200]
+    for i, ln in enumerate(lines):
+        if "WeightsUnpickler error:" in ln:
+            rest = ln.split("WeightsUnpickler error:", 1)[1].strip() or (lines[i + 1] if i + 1 < len(lines) else "")
+            if rest and "weights_only" not in rest:
+                return rest[:200]
+    return "unreadable pickle"
 
 
 def _as_state_dict(obj: Any, path: Path, key: str | None) -> dict[str, torch.Tensor]:

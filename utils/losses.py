@@ -158,11 +158,8 @@ def _read_tensor_file(path: Path) -> dict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         return load_file(str(path))
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # weights_only refuses any pickle that would build arbitrary objects
-        raise ValueError(f"{path}: refused; not a plain tensor checkpoint readable with torch.load(weights_only=True) "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    from utils.checkpoint import safe_load  # refusals name the file and never suggest weights_only=False
+    obj = safe_load(path)
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
@@ -350,18 +347,19 @@ _lpips_warned = False
 
 def load_lpips(vgg_path=None, lin_path=None, hub: bool = True, device=None) -> LPIPS | None:
     """`LPIPS.from_pretrained(...)` moved to `device`, or None with one warning per process when no weights are found,
-    so training goes on without the LPIPS term rather than with a random network. Bad files still raise."""
+    so training goes on without the LPIPS term rather than with a random network. Bad files still raise.
+
+    To enable LPIPS, set $GVF_LPIPS_DIR to a folder holding vgg16_features.safetensors (or torchvision's
+    vgg16-397923af.pth) and lpips_vgg_v0.1.pth (the `lpips` package's weights/v0.1/vgg.pth), pass vgg_path/lin_path,
+    or make the hub file (LPIPS_HUB_REPO / LPIPS_HUB_FILE; another repo: $GVF_LPIPS_HUB=owner/name[:file]) reachable."""
     global _lpips_warned
     try:
         model = LPIPS.from_pretrained(vgg_path, lin_path, hub=hub)
     except LPIPSWeightsNotFound as e:
         if not _lpips_warned:
             _lpips_warned = True
-            warnings.warn(
-                f"LPIPS disabled: no weights found ({e}). To enable it, set ${LPIPS_DIR_ENV} to a folder holding "
-                f"vgg16_features.safetensors (or torchvision's vgg16-397923af.pth) and lpips_vgg_v0.1.pth (the `lpips` "
-                f"package's weights/v0.1/vgg.pth), pass vgg_path/lin_path, or make the hub file "
-                f"{LPIPS_HUB_REPO}/{LPIPS_HUB_FILE} reachable (another repo: ${LPIPS_HUB_ENV}=owner/name[:file]).",
-                RuntimeWarning, stacklevel=2)
+            # One short line; where it looked is in LPIPS.from_pretrained's exception, what to do in the docstring.
+            warnings.warn(f"LPIPS disabled: no weights found; set ${LPIPS_DIR_ENV} to enable it (see utils/losses.py "
+                          f"load_lpips)", RuntimeWarning, stacklevel=2)
         return None
     return model.to(device) if device is not None else model

@@ -104,15 +104,48 @@ def _ffmpeg_reason(exc: Exception) -> str:
     return lines[0] if len(lines) == 1 else f"{lines[0]}: {lines[-1]}"
 
 
-def read_frames(path: str | os.PathLike, start: int = 0, stride: int = 1,
-                num_frames: int | None = None) -> tuple[np.ndarray, float | None]:
+MAX_SIDE = 2048  # larger frames are shrunk as they are decoded: an 8000² clip would otherwise take gigabytes
+
+
+def _probe(path: Path) -> str:
+    """Why ffmpeg found no frames: a readable container with a video stream has none, else the data is not a video."""
+    import subprocess
+
+    import imageio_ffmpeg
+    try:
+        err = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True,
+                             text=True, timeout=30).stderr
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"cannot run ffmpeg to look at it ({type(exc).__name__})"
+    if "Video:" in err:
+        return "has a video stream but no frames in it (0 frames)"
+    if "Input #0" in err:
+        return "has no video frames (a container with no video stream: 0 frames)"
+    lines = [ln.strip() for ln in err.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "rror" in ln] or lines or ["no output"]
+    return f"is not a readable video (ffmpeg: {errors[-1]})"
+
+
+def _shrink(frame: np.ndarray, max_side: int | None) -> np.ndarray:
+    h, w = frame.shape[:2]
+    if max_side is None or max(h, w) <= max_side:
+        return frame
+    from PIL import Image
+    f = max_side / max(h, w)
+    return np.asarray(Image.fromarray(frame).resize((max(1, round(w * f)), max(1, round(h * f))), Image.BOX))
+
+
+def read_frames(path: str | os.PathLike, start: int = 0, stride: int = 1, num_frames: int | None = None,
+                max_side: int | None = MAX_SIDE) -> tuple[np.ndarray, float | None]:
     """Frames start, start + stride, ... (num_frames of them, or to the end) of a video, gif or frame folder.
 
     Returns uint8 frames (T, H, W, C), C = 4 where the source has transparency (gif, RGBA images), else 3, and the frame
     rate of the returned sequence (the source rate / stride; None for a frame folder or when the file does not say).
     Videos: .mp4 .mov .mkv .webm .avi (imageio-ffmpeg, decoded as RGB). Folders: .png .jpg .jpeg .webp, natural order.
-    A sequence shorter than asked raises ValueError; an unreadable file raises VideoReadError (a ValueError).
+    A sequence shorter than asked raises ValueError; an unreadable or empty file raises VideoReadError (a ValueError).
+    Frames whose longer side exceeds `max_side` are shrunk to it as they are decoded, with one warning naming the size.
     """
+    import warnings
     from PIL import Image, ImageSequence
 
     path = Path(path)
@@ -124,7 +157,15 @@ def read_frames(path: str | os.PathLike, start: int = 0, stride: int = 1,
               and (num_frames is None or (i - start) // stride < num_frames))
     last = None if num_frames is None else start + (num_frames - 1) * stride  # decoding stops after this frame
     suffix = path.suffix.lower()
+    if path.is_file() and path.stat().st_size == 0:
+        raise VideoReadError(f"{path}: the file is empty (0 bytes)")
     fps, frames, total = None, [], 0
+    big: list[tuple[int, int]] = []
+
+    def keep(frame: np.ndarray) -> None:
+        if max_side is not None and max(frame.shape[:2]) > max_side and not big:
+            big.append(frame.shape[1::-1])
+        frames.append(_shrink(frame, max_side))
 
     if path.is_dir():
         files = _frame_files(path)
@@ -134,7 +175,7 @@ def read_frames(path: str | os.PathLike, start: int = 0, stride: int = 1,
                 try:
                     with Image.open(f) as img:
                         img.load()
-                        frames.append(_pil_frame(img, f))
+                        keep(_pil_frame(img, f))
                 except VideoReadError:
                     raise
                 except Exception as exc:
@@ -147,7 +188,7 @@ def read_frames(path: str | os.PathLike, start: int = 0, stride: int = 1,
                     total = i + 1
                     durations.append(frame.info.get("duration", 0))
                     if wanted(i):
-                        frames.append(_pil_frame(frame, path))  # Pillow composes each frame with its disposal rules
+                        keep(_pil_frame(frame, path))  # Pillow composes each frame with its disposal rules
                     if i == last:
                         break
         except VideoReadError:
@@ -167,17 +208,24 @@ def read_frames(path: str | os.PathLike, start: int = 0, stride: int = 1,
                 for i, frame in enumerate(reader):
                     total = i + 1
                     if wanted(i):
-                        frames.append(np.asarray(frame)[..., :3])
+                        keep(np.asarray(frame)[..., :3])
                     if i == last:
                         break
         except Exception as exc:
-            raise VideoReadError(f"{path}: cannot decode video ({_ffmpeg_reason(exc)})") from None
+            if total == 0:  # ffmpeg fails before the first frame both for broken files and for empty streams
+                raise VideoReadError(f"{path}: {_probe(path)}") from None
+            raise VideoReadError(f"{path}: cannot decode video after {total} frames ({_ffmpeg_reason(exc)})") from None
     else:
         raise VideoReadError(f"{path}: not a video ({', '.join(VIDEO_SUFFIXES)}, .gif) or a folder of frame images")
 
+    if big:
+        w, h = big[0]
+        f = max_side / max(w, h)
+        warnings.warn(f"{path}: frames of {w}x{h} pixels are large; shrunk to {round(w * f)}x{round(h * f)} as they "
+                      f"are read (more pixels would not help: the model sees a small crop)", stacklevel=2)
     if not frames or (num_frames is not None and len(frames) < num_frames):
         asked = "at least one frame" if num_frames is None else f"{num_frames} frames"
-        raise ValueError(f"{path}: has {total} frames; asked for {asked} from frame {start} with stride {stride}"
+        raise ValueError(f"{path}: has {total} frame{'' if total == 1 else 's'}; asked for {asked} from frame {start} with stride {stride}"
                          + ("" if num_frames is None else f" (needs {last + 1})"))
     fps = float(fps) / stride if fps and np.isfinite(fps) and fps > 0 else None
     return _stack(frames, path), fps
