@@ -27,6 +27,7 @@ from data_rendering.mesh import MeshSequence
 from data_rendering.prepare_vae_data import prepare_sample
 from data_rendering.rasterizer import render_mesh
 from datasets import layout
+from utils import cli
 from utils.logging import report_failures
 from utils.cameras import BLENDER_DEFAULT_FOV, TRAIN_RADIUS, blender_camera_json, intrinsics_from_fov, look_at, published_view_positions
 
@@ -63,6 +64,30 @@ def _extractor(name: str):
     return get_extractor(name)  # once per process: DINOv2 weights are not reloaded per object
 
 
+def write_sample(seq: MeshSequence, final: Path, meta: dict, args, seed: int, overwrite: bool = False) -> None:
+    """Renders, points, voxel features (and with args.write_meshes the meshes) of a normalised MeshSequence, as the
+    complete sample directory `final`: built in a hidden sibling folder and renamed when complete (args: views, res,
+    extractor, write_meshes). Shared by this writer and data_rendering/import_animation.py."""
+    tmp = final.parent / f".{final.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    render_sample(seq, tmp, args.views, args.res, seed)
+    prepare_sample(tmp, _extractor(args.extractor), seq=seq, seed=seed)
+    if args.write_meshes:
+        for t in range(seq.num_frames):
+            seq.write_obj(layout.mesh_frame_path(tmp, t), t)
+    meta.update(seed=seed, frames=seq.num_frames, views=args.views, resolution=args.res, x_fov=BLENDER_DEFAULT_FOV,
+                extractor=args.extractor)
+    layout.render_metadata_path(tmp).write_text(json.dumps(meta, indent=1))
+    if overwrite and final.exists():  # the old sample stays whole until the new one is complete
+        old = final.parent / f".{final.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+
+
 def write_object(out: Path, index: int, args) -> str:
     """One complete sample directory `obj_XXXXX`; skipped when it already exists (resume)."""
     from data_rendering.synthetic import make_object
@@ -72,18 +97,9 @@ def write_object(out: Path, index: int, args) -> str:
     if final.exists():
         return name
     seed = args.seed * 1_000_003 + index
-    tmp = out / f".{name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
     seq, meta = make_object(seed, args.frames)
-    render_sample(seq, tmp, args.views, args.res, seed)
-    prepare_sample(tmp, _extractor(args.extractor), seq=seq, seed=seed)
-    if args.write_meshes:
-        for t in range(seq.num_frames):
-            seq.write_obj(layout.mesh_frame_path(tmp, t), t)
-    meta.update(seed=seed, frames=args.frames, views=args.views, resolution=args.res, x_fov=BLENDER_DEFAULT_FOV,
-                extractor=args.extractor, source="data_rendering.synthetic")
-    layout.render_metadata_path(tmp).write_text(json.dumps(meta, indent=1))
-    tmp.rename(final)
+    meta.update(source="data_rendering.synthetic")
+    write_sample(seq, final, meta, args, seed)
     return name
 
 
@@ -145,4 +161,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))
