@@ -14,7 +14,13 @@ then {deformation,static}_{mean,std}.pt over every selected object (datasets/lat
 
 By default the canonical Gaussians come from the static posterior mean and FPS starts at the first Gaussian, so the
 output is deterministic; `--stochastic` samples the static posterior as published (seeded per object). Objects whose
-latents exist are skipped (`--overwrite` redoes them); a failing object is reported and the others go on.
+latents exist are skipped (`--overwrite` redoes them); a failing object is reported and the others go on. A failed
+object keeps no latent that a later step could use: one from an earlier run is renamed to deformation_latent.pt.failed
+(with --overwrite its image tokens too, to <name>.npz.failed), and the statistics leave it out.
+
+The latents folder is locked while encoding (a second encode_latent.py on the same data root refuses). Every path
+under the data root must resolve inside it (a `latents` symlink to another disk is refused); `--allow-symlinks`
+follows such symlinks.
 """
 from __future__ import annotations
 
@@ -33,13 +39,14 @@ from datasets.vae_dataset import VAEDataset, composite, load_rgba
 from models.motion_vae import MotionVAE
 from models.sparse import SparseVoxels
 from models.static_vae import StaticVAE
-from utils.checkpoint import load_weights
+from utils.checkpoint import load_weights, safe_load
 from utils.config import load_config
-from utils.fileio import atomic_write
+from utils import cli
+from utils.fileio import atomic_write, lock_folder
 from utils.image_features import get_extractor
 from utils.logging import report_failures
 from utils.pointcloud import farthest_point_sample, gather_points
-from utils.training import resolve_checkpoint, weights_file
+from utils.training import on_main_process, resolve_checkpoint, weights_file
 
 COND_VIEW = 0          # the front view is the video (spec §1.7)
 COND_BACKGROUND = 0.0  # black, as the published training features (spec §1.7, §10.5)
@@ -60,6 +67,7 @@ def parse_args(argv=None):
     ap.add_argument("--stats-only", action="store_true", help="only recompute the statistics from existing latents")
     ap.add_argument("--stochastic", action="store_true", help="sample the static posterior (published) instead of its mean")
     ap.add_argument("--overwrite", action="store_true", help="re-encode objects whose latents exist")
+    layout.add_symlink_option(ap)
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="autocast dtype on a GPU")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("overrides", nargs="*", help="VAE config overrides, e.g. data.end_idx=100")
@@ -120,10 +128,10 @@ class Encoder:
         return {k: v.cpu() for k, v in out.items()}
 
     @torch.no_grad()
-    def cond_tokens(self, sample_root: Path, num_frames: int) -> torch.Tensor:
+    def cond_tokens(self, sample_root: Path, num_frames: int, data_root: Path | None = None) -> torch.Tensor:
         images = []
         for t in range(num_frames):
-            rgb, alpha = load_rgba(layout.image_path(sample_root, t, COND_VIEW))
+            rgb, alpha = load_rgba(layout.image_path(sample_root, t, COND_VIEW, data_root=data_root))
             images.append(composite(rgb, alpha, COND_BACKGROUND, blur=False))
         return self.extractor(torch.stack(images)).cpu()
 
@@ -144,11 +152,31 @@ def encode_all(enc: Encoder, dataset: VAEDataset, data_root: Path, indices: list
                 latent = enc.latents(dataset.load(i), i)
                 atomic_write(path, lambda tmp: torch.save(latent, tmp), overwrite=True)
             if overwrite or not tokens_path.is_file():
-                tokens = enc.cond_tokens(layout.resolve_sample(data_root, name), dataset.num_timesteps)
+                tokens = enc.cond_tokens(layout.resolve_sample(data_root, name), dataset.num_timesteps, data_root)
                 layout.write_cond_features(tokens_path, tokens.half(), overwrite=True)
         except Exception as e:  # one bad object must not stop the others
-            failures.append((name, f"{type(e).__name__}: {e}"))
+            stale = set_aside_stale(data_root, name, extractor_name, overwrite)
+            failures.append((name, f"{type(e).__name__}: {e}{stale}"))
     return failures, done
+
+
+def set_aside_stale(data_root: Path, name: str, extractor_name: str, tokens_too: bool) -> str:
+    """A failed object's latent from an earlier run is renamed to `<file>.failed` (its image tokens too when they were
+    due to be rewritten), so no later step (statistics, the DiT dataset) uses it. Returns what was done, for the
+    failure line ("" when there was nothing)."""
+    moved = []
+    try:
+        paths = [layout.latent_path(data_root, name)]
+        if tokens_too:
+            paths.append(layout.cond_features_path(data_root, name, extractor_name))
+    except ValueError:  # the name or path itself was refused: nothing of it is touched
+        return ""
+    for path in paths:
+        if path.is_file():
+            aside = path.with_name(path.name + ".failed")
+            path.replace(aside)
+            moved.append(str(aside))
+    return f"; its stale output moved to {' and '.join(moved)}" if moved else ""
 
 
 def write_stats(stats_dir: Path, data_root: Path, names: list[str], posterior_draws: bool = True) -> list[str]:
@@ -161,7 +189,7 @@ def write_stats(stats_dir: Path, data_root: Path, names: list[str], posterior_dr
     for which, value in stats.items():
         path = layout.latent_stats_path(stats_dir, which)
         if path.is_file():
-            old = torch.load(path, map_location="cpu", weights_only=True)
+            old = safe_load(path)
             if old.shape == value.shape and torch.equal(old, value):
                 continue
             backup = path.with_suffix(".pt.prev")
@@ -175,6 +203,7 @@ def write_stats(stats_dir: Path, data_root: Path, names: list[str], posterior_dr
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    layout.allow_symlinks(args.allow_symlinks)
     cfg = load_config(args.config, args.overrides)
     dcfg = load_config(args.diffusion_config)
     check_configs(cfg, dcfg, args.config, args.diffusion_config)
@@ -184,8 +213,13 @@ def main(argv=None) -> int:
     names = layout.select_samples(data_root, list_file, cfg.data.start_idx, cfg.data.end_idx)
     state = PartialState(cpu=not torch.cuda.is_available())
 
-    failures, done = [], 0
+    failures, done, lock = [], 0, None
     if not args.stats_only:
+        # Outputs inside the data root (a `latents` or tokens folder symlinked elsewhere is refused before any work),
+        # and one encoder at a time: the main process locks the latents folder, every process learns a refusal.
+        latents = layout.latents_dir(data_root)
+        layout.confine(layout.cond_features_dir(data_root, dcfg.data.image_encoder), data_root)
+        lock = on_main_process(lambda: lock_folder(latents), state.is_main_process, state.num_processes)
         static_path, motion_path = vae_weights(args)
         static_vae, motion_vae = StaticVAE.from_config(cfg.static_vae), MotionVAE(**cfg.model)
         load_weights(static_vae, static_path)
@@ -215,8 +249,10 @@ def main(argv=None) -> int:
         if missing and args.stats_only:
             print(f"encode_latent: {len(missing)} selected objects have no latents (first: {missing[0]})")
     state.wait_for_everyone()
+    if lock is not None:
+        lock.release()
     return status
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -5,7 +5,9 @@ and EMA, on the shared training loop (utils/training.py).
         --out runs/dit_tiny train.max_steps=200
     torchrun --nproc_per_node 8 main_latent.py --config configs/diffusion.yml --data-root data/objaverse --out runs/dit
 
-Overrides `section.key=value` follow the options (see utils/config.py). `--resume latest` continues a run exactly.
+Overrides `section.key=value` follow the options (see utils/config.py). `--resume latest` continues a run exactly;
+an --out that holds checkpoints needs it, or `--restart` (the old run is moved to <out>.old-<date>-<time>/). The
+folder is locked while training. `--allow-symlinks` follows symlinks out of the data root.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from models.diffusion import GaussianDiffusion
 from models.dit import DiT
 from utils.checkpoint import load_weights
 from utils.config import load_config
-from utils.training import LoopConfig, TrainLoop, seed_everything, trainer_arg_parser
+from utils import cli
+from utils.training import LoopConfig, TrainLoop, check_run_folder, seed_everything, trainer_arg_parser
 
 
 def parse_args(argv=None):
@@ -40,6 +43,8 @@ def build_dataset(cfg, data_root: Path, list_file: Path | None) -> LatentDataset
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    layout.allow_symlinks(args.allow_symlinks)
+    check_run_folder(args.out, args.resume, args.restart)  # before any work; TrainLoop moves aside and locks
     cfg = load_config(args.config, args.overrides)
     data_root = args.data_root or Path(cfg.data.root)
     dataset = build_dataset(cfg, data_root, args.list or (cfg.data.list_file and Path(cfg.data.list_file)))
@@ -61,13 +66,13 @@ def main(argv=None) -> int:
 
     loop = TrainLoop(models={"dit": model}, optimizers={"dit": optimizer}, dataset=dataset, step_fn=step_fn,
                      out_dir=args.out, cfg=LoopConfig.from_mapping(cfg.train, num_workers=cfg.data.num_workers), run_config=cfg.to_dict(),
-                     model_configs={"dit": cfg.model.to_dict()}, resume=args.resume)
+                     model_configs={"dit": cfg.model.to_dict()}, resume=args.resume, restart=args.restart)
     result = loop.run()
     loop.close()
     print(f"main_latent: {result.step} steps, {result.nonfinite_steps} skipped as non-finite, "
-          f"checkpoint {result.checkpoint}{' (stopped by signal)' if result.stopped_by_signal else ''}")
+          f"checkpoint {result.checkpoint}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

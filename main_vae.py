@@ -12,6 +12,8 @@ of the deformed Gaussians at the sampled frames. The motion optimiser's warm-up 
 
 `--static-init` takes our checkpoint, a published static-VAE `.pt`, or a TRELLIS-initialised one whose 32-Gaussian
 out_layer is replaced by a fresh zero one (spec §3.5). Overrides `section.key=value` follow the options.
+An --out that holds checkpoints needs `--resume latest` (continue) or `--restart` (the old run is moved to
+<out>.old-<date>-<time>/); the folder is locked while training. `--allow-symlinks` follows symlinks out of the data root.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ from utils.config import load_config
 from utils.gaussians import Gaussians
 from utils.losses import load_lpips, mesh_guided_xyz_loss, render_loss
 from utils.render import rasterize
-from utils.training import LoopConfig, TrainLoop, seed_everything, trainer_arg_parser
+from utils import cli
+from utils.training import LoopConfig, TrainLoop, check_run_folder, seed_everything, trainer_arg_parser
 
 # Keys of a TRELLIS SLat decoder that do not fit an 8-Gaussian model (spec §3.5); dropped together when they differ.
 OUT_LAYER_SWAP = ("out_layer.weight", "out_layer.bias", "MipGS_perturbation")
@@ -146,6 +149,8 @@ class VAEObjective:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    layout.allow_symlinks(args.allow_symlinks)
+    check_run_folder(args.out, args.resume, args.restart)  # before any work; TrainLoop moves aside and locks
     overrides = list(args.overrides)
     if args.sample_timesteps is not None:
         overrides.append(f"train.sample_timesteps={args.sample_timesteps}")
@@ -168,14 +173,13 @@ def main(argv=None) -> int:
                      dataset=dataset, collate_fn=collate_vae, step_fn=VAEObjective(cfg), out_dir=args.out,
                      cfg=LoopConfig.from_mapping(t, num_workers=cfg.data.num_workers), run_config=cfg.to_dict(),
                      model_configs={"static_vae": cfg.static_vae.to_dict(), "motion_vae": cfg.model.to_dict()},
-                     resume=args.resume, warmup_start={"motion_vae": t.static_vae_steps})
+                     resume=args.resume, restart=args.restart, warmup_start={"motion_vae": t.static_vae_steps})
     result = loop.run()
     loop.close()
     print(f"main_vae: {result.step} steps ({min(result.step, t.static_vae_steps)} static-only), "
-          f"{result.nonfinite_steps} skipped as non-finite, checkpoint {result.checkpoint}"
-          f"{' (stopped by signal)' if result.stopped_by_signal else ''}")
+          f"{result.nonfinite_steps} skipped as non-finite, checkpoint {result.checkpoint}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -14,6 +14,7 @@ Per-dataset files, under the same ``<data_root>`` (one convention, fixing the th
 
     latents/<name>/deformation_latent.pt              encode_latent.py output (spec §1.6, §7)
     {deformation,static}_{mean,std}.pt                latent normalisation statistics (in a stats folder, default the root)
+    mean_latent.pt                                    in a pack: the per-frame mean motion latent (scripts/make_pack.py)
     <prefix>_cond_features/<name>.npz                 image tokens, key ``features`` (T, L, C) float16 (spec §1.7);
                                                       prefix "dinov2" for dinov2_vitl14_reg (published name), else
                                                       the extractor name.
@@ -23,15 +24,24 @@ in a torch-free venv, names its files through it too.
 
 Readers validate what they load and raise ValueError naming the file and the problem (FileNotFoundError when the
 file is missing); npz files are read with ``allow_pickle=False``. Writers are atomic and refuse to overwrite.
+
+Confinement: every path built here resolves (symlinks followed) inside the real data root, or the helper raises
+InputError naming the file, so a symlinked file or folder (``imgs/x.png -> /etc/passwd``, ``latents -> /elsewhere``)
+is neither read nor written outside the data root. The sample-folder helpers (image_path, ...) confine to their
+``data_root=`` argument, else to the sample folder itself. ``allow_symlinks(True)`` (the ``--allow-symlinks`` option
+of the tools that take a data root) follows symlinks anywhere, for data kept on another disk.
 """
 from __future__ import annotations
 
+import argparse
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
+from utils.cli import InputError
 from utils.fileio import atomic_write
 
 DEFAULT_EXTRACTOR = "dinov2_vitl14_reg"
@@ -39,11 +49,77 @@ VOXEL_RESOLUTION = 64
 _COND_PREFIX = {"dinov2_vitl14_reg": "dinov2"}  # the published folder name is dinov2_cond_features
 
 
+# ----------------------------------------------------------------------------------------------- confinement
+_ALLOW_SYMLINKS = False
+SYMLINK_HELP = ("follow symlinks that lead outside the data root (data kept on another disk); by default a file or "
+                "folder under the data root that resolves outside it is refused")
+
+
+def allow_symlinks(allow: bool = True) -> bool:
+    """Switch the confinement of paths to the data root off (True) or on (False, the default); returns the
+    previous setting. Set by the tools' --allow-symlinks; process-wide (DataLoader workers forked later inherit it)."""
+    global _ALLOW_SYMLINKS
+    previous, _ALLOW_SYMLINKS = _ALLOW_SYMLINKS, bool(allow)
+    return previous
+
+
+class _AllowSymlinks(argparse.Action):
+    """--allow-symlinks: a flag that also flips the switch when it is parsed (a tool needs no further line)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, True)
+        allow_symlinks(True)
+
+
+def add_symlink_option(parser: argparse.ArgumentParser) -> None:
+    """Add --allow-symlinks to a tool that takes a data root; the tool also calls allow_symlinks(args.allow_symlinks),
+    so a main() called again in one process without the flag confines again."""
+    parser.add_argument("--allow-symlinks", action=_AllowSymlinks, help=SYMLINK_HELP)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_realpath(root: str, device: int, inode: int) -> str:
+    return os.path.realpath(root)
+
+
+def _real_root(root: str) -> str:
+    """realpath of a data root or sample folder, cached under the identity of what it leads to (a stat is cheaper
+    than a realpath, and a symlink pointed elsewhere or replaced gives a new key)."""
+    try:
+        st = os.stat(root)
+    except OSError:
+        return os.path.realpath(root)
+    return _cached_realpath(root, st.st_dev, st.st_ino)
+
+
+def confine(path, root, what: str = "the data root") -> Path:
+    """``path`` (unchanged), after checking that it resolves, symlinks followed, inside the real ``root``; a path
+    that does not exist yet is resolved as far as it exists. One realpath per call (the root's is cached).
+    Raises InputError naming the file; nothing is checked after allow_symlinks(True)."""
+    path = Path(path)
+    if _ALLOW_SYMLINKS:
+        return path
+    root_real = _real_root(os.path.abspath(root))
+    real = os.path.realpath(path)
+    if real != root_real and not real.startswith(root_real.rstrip(os.sep) + os.sep):
+        raise InputError(f"{path}: resolves to {real} through a symlink, outside {what} {root_real}; "
+                         f"pass --allow-symlinks to follow it")
+    return path
+
+
+def _within(path, sample_root, data_root) -> Path:
+    # The sample-folder helpers: confined to the data root when the caller names it, else to the sample folder.
+    if data_root is None:
+        return confine(path, sample_root, "the sample folder")
+    return confine(path, data_root)
+
+
 # ----------------------------------------------------------------------------------------------- names
-def resolve_sample(data_root, name: str) -> Path:
-    """``data_root / name`` for a name read from a list file, refusing names that could leave the data root:
-    empty, absolute (POSIX or Windows style), with a ``..`` component, or a symlink (anywhere along the path) that
-    leads outside the data root. The data root itself may be a symlink: the check compares real paths."""
+def _check_name(data_root, name: str) -> Path:
+    # The lexical checks of resolve_sample: the name cannot leave data_root whatever the filesystem holds.
     if not isinstance(name, str) or not name.strip() or "\x00" in name:
         raise ValueError(f"sample name must be a non-empty string, got {name!r}")
     if name != name.strip():
@@ -56,10 +132,20 @@ def resolve_sample(data_root, name: str) -> Path:
         raise ValueError(f"sample name {name!r} contains '..' and would leave the data root {data_root}")
     if all(part == "." for part in posix.parts):
         raise ValueError(f"sample name {name!r} names the data root itself")
-    path = Path(data_root) / posix
-    root_real, real = os.path.realpath(data_root), os.path.realpath(path)
-    if os.path.commonpath([root_real, real]) != root_real:
-        raise ValueError(f"sample name {name!r} resolves to {real} through a symlink, outside the data root {root_real}")
+    return Path(data_root) / posix
+
+
+def resolve_sample(data_root, name: str) -> Path:
+    """``data_root / name`` for a name read from a list file, refusing names that could leave the data root:
+    empty, absolute (POSIX or Windows style), with a ``..`` component, or a symlink (anywhere along the path) that
+    leads outside the data root (InputError; allowed after allow_symlinks(True)). The data root itself may be a
+    symlink: the check compares real paths."""
+    path = _check_name(data_root, name)
+    if not _ALLOW_SYMLINKS:
+        root_real, real = _real_root(os.path.abspath(data_root)), os.path.realpath(path)
+        if os.path.commonpath([root_real, real]) != root_real:
+            raise InputError(f"sample name {name!r} resolves to {real} through a symlink, outside the data root "
+                             f"{root_real}; pass --allow-symlinks to follow it")
     return path
 
 
@@ -116,32 +202,34 @@ def _frame_stem(timestep: int, view: int) -> str:
     return f"timestep_{_index(timestep, 'timestep'):02d}_view_{_index(view, 'view'):02d}"
 
 
-def image_path(sample_root, timestep: int, view: int) -> Path:
-    return Path(sample_root) / "imgs" / f"{_frame_stem(timestep, view)}.png"
+# The files of one sample folder. Each is confined (see the module docstring) to `data_root` when given, else to the
+# sample folder.
+def image_path(sample_root, timestep: int, view: int, *, data_root=None) -> Path:
+    return _within(Path(sample_root) / "imgs" / f"{_frame_stem(timestep, view)}.png", sample_root, data_root)
 
 
-def camera_path(sample_root, timestep: int, view: int) -> Path:
-    return Path(sample_root) / "meta_data" / f"{_frame_stem(timestep, view)}.json"
+def camera_path(sample_root, timestep: int, view: int, *, data_root=None) -> Path:
+    return _within(Path(sample_root) / "meta_data" / f"{_frame_stem(timestep, view)}.json", sample_root, data_root)
 
 
-def mesh_frame_path(sample_root, timestep: int) -> Path:
-    return Path(sample_root) / "objs" / f"frame{_index(timestep, 'timestep')}.obj"
+def mesh_frame_path(sample_root, timestep: int, *, data_root=None) -> Path:
+    return _within(Path(sample_root) / "objs" / f"frame{_index(timestep, 'timestep')}.obj", sample_root, data_root)
 
 
-def render_metadata_path(sample_root) -> Path:
-    return Path(sample_root) / "metadata.json"
+def render_metadata_path(sample_root, *, data_root=None) -> Path:
+    return _within(Path(sample_root) / "metadata.json", sample_root, data_root)
 
 
-def static_marker_path(sample_root) -> Path:
-    return Path(sample_root) / "static.txt"
+def static_marker_path(sample_root, *, data_root=None) -> Path:
+    return _within(Path(sample_root) / "static.txt", sample_root, data_root)
 
 
-def static_vertices_path(sample_root) -> Path:
-    return Path(sample_root) / "objs" / "mesh_data" / "static_frame_vertices.pt"
+def static_vertices_path(sample_root, *, data_root=None) -> Path:
+    return _within(Path(sample_root) / "objs" / "mesh_data" / "static_frame_vertices.pt", sample_root, data_root)
 
 
-def frame_deltas_path(sample_root) -> Path:
-    return Path(sample_root) / "objs" / "mesh_data" / "moving_frame_deltas.pt"
+def frame_deltas_path(sample_root, *, data_root=None) -> Path:
+    return _within(Path(sample_root) / "objs" / "mesh_data" / "moving_frame_deltas.pt", sample_root, data_root)
 
 
 def _check_extractor(extractor: str) -> str:
@@ -152,13 +240,20 @@ def _check_extractor(extractor: str) -> str:
     return extractor
 
 
-def voxel_features_path(sample_root, timestep: int = 0, extractor: str = DEFAULT_EXTRACTOR) -> Path:
-    return (Path(sample_root) / "features_all_timesteps" / str(_index(timestep, "timestep"))
-            / f"{_check_extractor(extractor)}.npz")
+def voxel_features_path(sample_root, timestep: int = 0, extractor: str = DEFAULT_EXTRACTOR, *, data_root=None) -> Path:
+    return _within(Path(sample_root) / "features_all_timesteps" / str(_index(timestep, "timestep"))
+                   / f"{_check_extractor(extractor)}.npz", sample_root, data_root)
+
+
+def latents_dir(data_root) -> Path:
+    """<data_root>/latents, confined to the data root (encode_latent.py locks it while it writes)."""
+    return confine(Path(data_root) / "latents", data_root)
 
 
 def latent_path(data_root, name: str) -> Path:
-    return resolve_sample(Path(data_root) / "latents", name) / "deformation_latent.pt"
+    """<data_root>/latents/<name>/deformation_latent.pt, confined to the data root (a `latents` symlink to a folder
+    outside it is refused)."""
+    return confine(_check_name(Path(data_root) / "latents", name) / "deformation_latent.pt", data_root)
 
 
 LATENT_STATS = ("deformation_mean", "deformation_std", "static_mean", "static_std")
@@ -171,14 +266,20 @@ def latent_stats_path(stats_dir, which: str) -> Path:
     return Path(stats_dir) / f"{which}.pt"
 
 
+def mean_latent_path(pack_dir) -> Path:
+    """A pack's mean motion latent (T, C): per frame, the mean over the training objects' posterior means and their
+    tokens (scripts/make_pack.py writes it; scripts/evaluate.py's "mean motion" row decodes it)."""
+    return Path(pack_dir) / "mean_latent.pt"
+
+
 def cond_features_dir(data_root, extractor: str = DEFAULT_EXTRACTOR) -> Path:
     prefix = _COND_PREFIX.get(_check_extractor(extractor), extractor)
     return Path(data_root) / f"{prefix}_cond_features"
 
 
 def cond_features_path(data_root, name: str, extractor: str = DEFAULT_EXTRACTOR) -> Path:
-    path = resolve_sample(cond_features_dir(data_root, extractor), name)
-    return path.with_name(path.name + ".npz")
+    path = _check_name(cond_features_dir(data_root, extractor), name)
+    return confine(path.with_name(path.name + ".npz"), data_root)
 
 
 @dataclass(frozen=True)
@@ -195,22 +296,26 @@ class SampleDir:
     def root(self) -> Path:
         return resolve_sample(self.data_root, self.name)
 
+    @property
+    def _folder(self) -> Path:  # the name was checked on construction; each file below is confined to the data root
+        return self.data_root / self.name
+
     def image(self, timestep: int, view: int) -> Path:
-        return image_path(self.root, timestep, view)
+        return image_path(self._folder, timestep, view, data_root=self.data_root)
 
     def camera(self, timestep: int, view: int) -> Path:
-        return camera_path(self.root, timestep, view)
+        return camera_path(self._folder, timestep, view, data_root=self.data_root)
 
     @property
     def static_vertices(self) -> Path:
-        return static_vertices_path(self.root)
+        return static_vertices_path(self._folder, data_root=self.data_root)
 
     @property
     def frame_deltas(self) -> Path:
-        return frame_deltas_path(self.root)
+        return frame_deltas_path(self._folder, data_root=self.data_root)
 
     def voxel_features(self, timestep: int = 0, extractor: str = DEFAULT_EXTRACTOR) -> Path:
-        return voxel_features_path(self.root, timestep, extractor)
+        return voxel_features_path(self._folder, timestep, extractor, data_root=self.data_root)
 
     @property
     def latent(self) -> Path:

@@ -5,6 +5,7 @@ frame-0 voxel features, one canonical view and the deformation views, with the p
 Randomness comes from (seed, epoch, index), so an epoch is reproducible whatever the worker count, and resuming at a
 data position gives the same samples. An unreadable sample is skipped with a warning: the item of the next readable
 index is returned and `skipped` counts how many were passed over (the trainer sums it and stops if too many fail).
+A file that resolves outside the data root through a symlink is not skipped: InputError (datasets/layout.py).
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from torch.utils.data import Dataset
 from datasets import layout
 from models.sparse import SparseVoxels
 from utils.cameras import load_blender_camera
+from utils.checkpoint import safe_load
+from utils.cli import InputError
 
 
 def load_rgba(path: Path, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,14 +92,17 @@ class VAEDataset(Dataset):
                 item = self.load(i)
                 item["skipped"] = skipped
                 return item
+            except InputError:  # a path refused by the layout (a symlink leading outside the data root): not skipped
+                raise
             except Exception as e:  # unreadable sample: warn, count, move on
                 warnings.warn(f"VAEDataset: skipping sample {self.names[i]!r}: {type(e).__name__}: {e}", stacklevel=2)
         raise RuntimeError(f"VAEDataset: {self.max_skips + 1} unreadable samples in a row from index {index}; "
                            f"check the data under {self.data_root}")
 
     def _view(self, root: Path, t: int, v: int) -> dict:
-        rgb, alpha = load_rgba(layout.image_path(root, t, v), self.image_size)
-        extrinsics, intrinsics = load_blender_camera(layout.camera_path(root, t, v), rgb.shape[2], rgb.shape[1])
+        rgb, alpha = load_rgba(layout.image_path(root, t, v, data_root=self.data_root), self.image_size)
+        extrinsics, intrinsics = load_blender_camera(layout.camera_path(root, t, v, data_root=self.data_root),
+                                                     rgb.shape[2], rgb.shape[1])
         return {"image": composite(rgb, alpha, self.background, self.blur_alpha), "alpha": alpha,
                 "extrinsics": extrinsics, "intrinsics": intrinsics}
 
@@ -105,8 +111,8 @@ class VAEDataset(Dataset):
         root = layout.resolve_sample(self.data_root, name)
         rng = np.random.default_rng([self.seed, self.epoch, index])
 
-        static = torch.load(layout.static_vertices_path(root), map_location="cpu", weights_only=True).float()
-        deltas = torch.load(layout.frame_deltas_path(root), map_location="cpu", weights_only=True).float()
+        static = safe_load(layout.static_vertices_path(root, data_root=self.data_root)).float()
+        deltas = safe_load(layout.frame_deltas_path(root, data_root=self.data_root)).float()
         if static.dim() != 2 or static.shape[1] != 3 or deltas.shape[1:] != static.shape or len(deltas) < self.num_timesteps:
             raise ValueError(f"{root}: points {tuple(static.shape)} and deltas {tuple(deltas.shape)} do not match "
                              f"(N, 3) and (>= {self.num_timesteps}, N, 3)")
@@ -122,7 +128,8 @@ class VAEDataset(Dataset):
             frames = np.arange(self.num_timesteps)
         deltas_out = moving[frames][:, points] - static_pc[None]
 
-        coords, feats = layout.read_voxel_features(layout.voxel_features_path(root, 0, self.extractor))
+        coords, feats = layout.read_voxel_features(layout.voxel_features_path(root, 0, self.extractor,
+                                                                              data_root=self.data_root))
         coords, feats = pool_voxels(coords, feats, layout.VOXEL_RESOLUTION // self.voxel_resolution)
         item = {
             "name": name,

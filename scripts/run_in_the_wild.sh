@@ -10,10 +10,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [[ $# -lt 1 || "$1" == -* ]]; then
-    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
-    exit 2
-fi
+usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then usage; exit 0; fi
+if [[ $# -lt 1 || "$1" == -* ]]; then usage >&2; exit 2; fi
 videos=$1; shift
 canonical=""; pack=""; out=""; trellis=""; explicit_weights=0; rest=()
 while [[ $# -gt 0 ]]; do

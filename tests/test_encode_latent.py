@@ -200,3 +200,58 @@ def test_mean_motion_baseline_is_the_per_frame_mean():
         for c in range(4):
             want[t, c] = sum(float(mu[t, k, c]) for mu in mus for k in range(10)) / 30
     torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=0)
+
+
+def test_a_failed_object_keeps_no_stale_latent(data, weights, capsys):
+    """Encode, corrupt one object's voxels, encode again with --overwrite: its latent of the first run is set aside
+    (named in the failure line), and the statistics are those of the other objects."""
+    wdir = weights[0]
+    names = layout.list_samples(data)
+    assert _run(data, wdir) == 0
+    bad = names[1]
+    stale = layout.latent_path(data, bad)
+    assert stale.is_file()
+    layout.voxel_features_path(data / bad, 0, "patch").write_bytes(b"not an npz")
+    capsys.readouterr()
+    assert _run(data, wdir, "--overwrite") == 1
+    err = capsys.readouterr().err
+    assert f"{bad}: " in err and "deformation_latent.pt.failed" in err, err
+    assert not stale.exists() and stale.with_name("deformation_latent.pt.failed").is_file()
+    assert not layout.cond_features_path(data, bad, "patch").exists()  # its tokens were due for rewriting too
+    good = [n for n in names if n != bad]
+    want = compute_latent_stats(data, good, load_config(DIT).data.get("posterior_draws", True))
+    for which in layout.LATENT_STATS:
+        assert torch.equal(torch.load(layout.latent_stats_path(data, which), weights_only=True), want[which]), which
+
+
+def test_latents_folder_outside_the_root_and_the_lock(data, weights, tmp_path, capsys):
+    from test_run_folders import _stop, hold_lock
+    from utils import cli
+
+    wdir = weights[0]
+    outside = tmp_path / "other_disk"
+    outside.mkdir()
+    (data / "latents").symlink_to(outside)
+    try:
+        assert cli.run(encode_latent.main, _argv(data, wdir)) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "latents: resolves to" in err and "--allow-symlinks" in err, err
+        assert list(outside.iterdir()) == []  # nothing written there, not even the lock
+        # With --allow-symlinks the latents go where the symlink leads.
+        assert cli.run(encode_latent.main, [*_argv(data, wdir), "--allow-symlinks"]) == 0
+        assert (outside / layout.list_samples(data)[0] / "deformation_latent.pt").is_file()
+    finally:
+        layout.allow_symlinks(False)
+    # A second encoder on the same latents folder refuses, naming the first one's process.
+    (data / "latents").unlink()
+    proc = hold_lock(data / "latents")
+    try:
+        assert cli.run(encode_latent.main, _argv(data, wdir)) == 2
+        assert f"latents is in use by process {proc.pid}" in capsys.readouterr().err
+    finally:
+        _stop(proc)
+
+
+def _argv(root, weights_dir):
+    return ["--config", VAE, "--diffusion-config", DIT, "--data-root", str(root),
+            "--static-vae", str(weights_dir / "static.safetensors"), "--motion-vae", str(weights_dir / "motion.safetensors")]

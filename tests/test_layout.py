@@ -162,3 +162,70 @@ def test_list_files_refuse_entries_leaving_the_data_root(tmp_path):
     (tmp_path / "link_root").symlink_to(root)
     listing.write_text("good\n")
     assert read_list_file(listing, tmp_path / "link_root") == ["good"]
+
+
+@pytest.fixture
+def confined():
+    """Every test starts and ends with the default: paths confined to the data root."""
+    L.allow_symlinks(False)
+    yield
+    L.allow_symlinks(False)
+
+
+def test_a_file_symlink_leading_outside_is_refused_by_the_reader(tmp_path, confined):
+    from datasets.vae_dataset import VAEDataset
+    from test_vae_dataset import _make_sample
+    from utils.cli import InputError, one_line
+
+    root, outside = tmp_path / "data", tmp_path / "elsewhere"
+    _make_sample(root, "a")
+    _make_sample(root, "b", seed=1)
+    outside.mkdir()
+    secret = outside / "secret.png"
+    secret.write_bytes(L.image_path(root / "a", 0, 0).read_bytes())
+    make = lambda: VAEDataset(root, ["a", "b"], num_points=16, num_timesteps=4, sample_timesteps=2, num_views=3,
+                              extractor="patch", voxel_resolution=64, train=False)
+    # A symlink that stays inside the data root is fine: sample a's frame 1 is sample b's file.
+    link = L.image_path(root / "a", 1, 0)
+    link.unlink()
+    link.symlink_to(L.image_path(root / "b", 1, 0))
+    assert make().load(0)["views"]["image"].shape[0] == 4
+    # One that leads outside: refused (not skipped), one line naming the file.
+    link = L.image_path(root / "a", 0, 0)
+    link.unlink()
+    link.symlink_to(secret)
+    for read in (lambda d: d.load(0), lambda d: d[0]):
+        with pytest.raises(InputError) as err:
+            read(make())
+        line = one_line(err.value)
+        assert "\n" not in str(err.value) and line.startswith(str(link)) and str(secret) in line
+        assert "--allow-symlinks" in line
+    # The sample-folder helpers without a data root confine to the sample folder.
+    with pytest.raises(InputError, match="outside the sample folder"):
+        L.image_path(root / "a", 0, 0)
+    assert L.SampleDir(root, "a").camera(0, 0) == L.camera_path(root / "a", 0, 0)
+    with pytest.raises(InputError):
+        L.SampleDir(root, "a").image(0, 0)
+    # The opt-out follows it.
+    L.allow_symlinks(True)
+    assert make().load(0)["views"]["image"].shape[0] == 4
+
+
+def test_a_latents_folder_leading_outside_is_refused(tmp_path, confined):
+    from utils.cli import InputError
+
+    root, outside = tmp_path / "data", tmp_path / "other_disk"
+    root.mkdir()
+    outside.mkdir()
+    (root / "latents").symlink_to(outside)
+    (root / "dinov2_cond_features").symlink_to(outside)
+    for build in (lambda: L.latent_path(root, "x"), lambda: L.cond_features_path(root, "x"),
+                  lambda: L.latents_dir(root), lambda: L.SampleDir(root, "x").latent):
+        with pytest.raises(InputError, match=r"outside the data root .*--allow-symlinks"):
+            build()
+    (root / "inside").mkdir()
+    (root / "latents").unlink()
+    (root / "latents").symlink_to(root / "inside")     # inside the root: fine
+    assert L.latent_path(root, "x") == root / "latents/x/deformation_latent.pt"
+    L.allow_symlinks(True)
+    assert L.cond_features_path(root, "x") == root / "dinov2_cond_features/x.npz"

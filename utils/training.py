@@ -36,6 +36,10 @@ What the loop owns, fixing the published trainers (spec §10.8-9):
   weights (never the EMA), EMA, optimisers, scaler, counters, data position and every RNG, so a resumed CPU run
   is bitwise equal to an uninterrupted one.
 - SIGTERM/SIGINT set a flag; the loop finishes the current step, saves, and returns stopped_by_signal=True.
+- The run folder: a folder that holds checkpoints is continued (`resume="latest"`) or moved aside and started afresh
+  (`restart=True`: its contents go to `<out>.old-<date>-<time>/`, never deleted); neither is refused (InputError),
+  so a run is never silently started over at step 0. While a loop lives, <out>/.lock (utils/fileio.lock_folder)
+  keeps a second trainer out of the folder. The main process moves and locks; the others learn its refusal.
 
 Processes: one, or N through `torchrun --nproc_per_node N` (DDP; gloo on CPUs, NCCL on GPUs). On a machine without
 CUDA the loop passes cpu=True, which accelerate needs to see a torchrun launch as multi-CPU. `accelerate launch
@@ -67,11 +71,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from utils.checkpoint import CheckpointError, check_state_dict, load_checkpoint, load_state_dict_strict, save_checkpoint
-from utils.fileio import fsync_dir
+from utils.checkpoint import (CheckpointError, check_state_dict, load_checkpoint, load_state_dict_strict, safe_load,
+                              save_checkpoint)
+from utils.cli import EXIT_BAD_INPUT, InputError
+from utils.fileio import LOCK_NAME, fsync_dir, lock_folder
 
 __all__ = ["LoopConfig", "TrainLoop", "TrainResult", "ResumableSampler", "EMA", "NonFiniteLossError",
-           "warmup_factor", "seed_everything", "resolve_checkpoint", "list_checkpoints", "weights_file"]
+           "warmup_factor", "seed_everything", "resolve_checkpoint", "list_checkpoints", "weights_file",
+           "check_run_folder", "prepare_run_folder", "on_main_process"]
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -87,17 +94,100 @@ class NonFiniteLossError(RuntimeError):
 # ---------------------------------------------------------------------------------------------- small pure pieces
 
 def trainer_arg_parser(description: str, config: str, listed: str) -> argparse.ArgumentParser:
-    """The options main_vae.py and main_latent.py share (config, data, experiment folder, resume, config overrides);
-    each adds its own. `listed` names what is trained on when no list file is given ("sample", "latent")."""
+    """The options main_vae.py and main_latent.py share (config, data, experiment folder, --resume / --restart,
+    --allow-symlinks, config overrides); each adds its own. `listed` names what is trained on when no list file is
+    given ("sample", "latent")."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, default=Path(config))
     ap.add_argument("--data-root", type=Path, help="dataset root (default: data.root of the config)")
     ap.add_argument("--list", type=Path,
                     help=f"list file of sample names (default: data.list_file, else every {listed})")
-    ap.add_argument("--out", type=Path, required=True, help="experiment folder (checkpoints, TensorBoard)")
-    ap.add_argument("--resume", help='"latest" or a checkpoint folder')
+    ap.add_argument("--out", type=Path, required=True,
+                    help="experiment folder (checkpoints, TensorBoard); locked while the trainer runs")
+    ap.add_argument("--resume", help='"latest" or a checkpoint folder; a folder that already holds checkpoints needs '
+                                     '--resume latest (continue) or --restart')
+    ap.add_argument("--restart", action="store_true",
+                    help="start again at step 0 in an --out that holds an earlier run: its contents are moved to "
+                         "<out>.old-<date>-<time>/ (never deleted)")
+    from datasets import layout  # the data-root confinement switch lives with the layout
+    layout.add_symlink_option(ap)
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. train.lr=1e-4")
     return ap
+
+
+def _has_checkpoints(out_dir: Path) -> Path | None:
+    """The checkpoint that marks `out_dir` as an earlier run's folder (the newest, or the `latest` pointer)."""
+    ckpt_dir = Path(out_dir) / CHECKPOINTS
+    found = list_checkpoints(ckpt_dir)
+    if found:
+        return found[-1][1]
+    return ckpt_dir / LATEST if (ckpt_dir / LATEST).is_file() else None
+
+
+def check_run_folder(out_dir: str | os.PathLike, resume: str | os.PathLike | None, restart: bool = False) -> None:
+    """Refuse (InputError, one line) to train into a folder holding an earlier run's checkpoints without `resume` or
+    `restart`, and the two together. Read-only, so every process may call it before any work: the trainers do, at
+    their start; TrainLoop checks again (and moves the old run aside for `restart`) on the main process. In a
+    launched process other than rank 0 a refusal is a silent exit with status 2: rank 0 prints the line."""
+    error = None
+    if restart and resume is not None:
+        error = f"{out_dir}: --restart starts over at step 0 and --resume continues a run; give one of them"
+    found = None if restart or resume is not None else _has_checkpoints(Path(out_dir))
+    if found is not None:
+        error = (f"{out_dir}: holds checkpoints of an earlier run ({found.name}); pass --resume latest to continue it "
+                 f"or --restart to move it aside and start again at step 0")
+    if error is not None:
+        if int(os.environ.get("RANK", "0")) > 0:
+            raise SystemExit(EXIT_BAD_INPUT)
+        raise InputError(error)
+
+
+def prepare_run_folder(out_dir: str | os.PathLike, resume: str | os.PathLike | None,
+                       restart: bool = False) -> Path | None:
+    """check_run_folder, then for `restart` move everything in `out_dir` but its lock into a new sibling folder
+    `<out>.old-<YYYYmmdd-HHMMSS>` (a suffix -2, -3, ... when that exists). Returns that folder, or None when nothing
+    was moved. Called on the main process only, with the folder's lock held."""
+    check_run_folder(out_dir, resume, restart)
+    out_dir = Path(os.path.abspath(out_dir))
+    if not restart or not out_dir.is_dir():
+        return None
+    entries = sorted(p for p in out_dir.iterdir() if p.name != LOCK_NAME)
+    if not entries:
+        return None
+    base = out_dir.with_name(f"{out_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    aside, n = base, 1
+    while True:
+        try:
+            aside.mkdir()
+            break
+        except FileExistsError:
+            n += 1
+            aside = base.with_name(f"{base.name}-{n}")
+    for entry in entries:
+        shutil.move(str(entry), str(aside / entry.name))  # a rename; a copy only across filesystems
+    fsync_dir(out_dir)
+    return aside
+
+
+def on_main_process(fn: Callable[[], Any], is_main: bool, num_processes: int) -> Any:
+    """Run fn() on the main process only (moving, locking) and let every process share its refusal: an InputError
+    there is raised again on the main process, and the others end with exit status 2 without a line of their own
+    (the main process prints it). A collective when num_processes > 1: every process must call it. Returns fn()'s
+    result on the main process, None elsewhere."""
+    result, error = None, None
+    if is_main:
+        try:
+            result = fn()
+        except InputError as exc:
+            error = exc
+    if num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+        shared = broadcast_object_list([None if error is None else str(error)])
+        if shared[0] is not None and not is_main:
+            raise SystemExit(EXIT_BAD_INPUT)
+    if error is not None:
+        raise error
+    return result
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
@@ -410,7 +500,7 @@ class TrainLoop:
                  run_config: Mapping | None = None, model_configs: Mapping[str, Mapping] | None = None,
                  collate_fn: Callable | None = None, resume: str | os.PathLike | None = None,
                  cpu: bool | None = None, find_unused_parameters: bool = False,
-                 warmup_start: Mapping[str, int] | None = None):
+                 warmup_start: Mapping[str, int] | None = None, restart: bool = False):
         if not models or not optimizers:
             raise ValueError("TrainLoop: needs at least one model and one optimiser")
         for name in [*models, *optimizers]:  # names become file names and TensorBoard tags
@@ -442,6 +532,21 @@ class TrainLoop:
                   "for N CPU processes use `torchrun --nproc_per_node N` (the loop passes cpu=True itself)")
         self.device, self.rank, self.world_size = acc.device, acc.process_index, acc.num_processes
         self.is_main = acc.is_main_process
+        # The run folder, before any work: locked by the main process for the loop's life; an earlier run's
+        # checkpoints need `resume` or `restart` (the latter moves them aside). Every process learns a refusal.
+        self._lock = None
+
+        def claim():
+            self._lock = lock_folder(self.out_dir)
+            try:
+                return prepare_run_folder(self.out_dir, resume, restart)
+            except BaseException:
+                self._lock.release()
+                raise
+
+        moved = on_main_process(claim, self.is_main, self.world_size)
+        if moved is not None:
+            self._print(f"restart: the earlier run in {self.out_dir} was moved to {moved}; starting at step 0")
         seed_everything(cfg.seed + self.rank)  # dropout/augmentation differ per rank; DDP keeps weights equal
 
         # Models with trainable parameters are prepared (DDP-wrapped when distributed); frozen ones only moved.
@@ -518,7 +623,8 @@ class TrainLoop:
         if self.writer is not None:
             self.writer.flush()
         if stopped:
-            self._print(f"stopped by signal {self._signal} at step {self.step}; checkpoint {self.last_checkpoint}")
+            self._print(f"stopped by {signal.Signals(self._signal).name} at step {self.step}; checkpoint saved in "
+                        f"{self.last_checkpoint} (continue with --resume latest)")
         return TrainResult(self.step, self.epoch, stopped, self.nonfinite_total, self.last_checkpoint)
 
     def lr_factor(self, name: str, step: int) -> float:
@@ -786,10 +892,7 @@ class TrainLoop:
         missing = [f for f in needed if not (folder / f).is_file()]
         if missing:
             raise CheckpointError(f"{folder}: incomplete or not a checkpoint of these models; missing {missing}")
-        try:  # plain data and tensors only: nothing in the file can execute code
-            state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(f"{folder / STATE_FILE}: unreadable ({type(exc).__name__}: {exc})") from exc
+        state = safe_load(folder / STATE_FILE)  # plain data and tensors only: nothing in the file can execute code
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise CheckpointError(f"{folder / STATE_FILE}: not a training state written by utils/training.py")
         for what, saved, ours in (("models", state["models"], sorted(self.raw_models)),
@@ -844,6 +947,8 @@ class TrainLoop:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self._lock is not None:
+            self._lock.release()
         # Quiesce before the process group goes: every rank past its last collective, and the DDP wrappers (whose
         # reducers also hold the group) released. Otherwise gloo's worker thread may still be freeing the last
         # collective's tensors, which needs the GIL, while the group's destructor joins it holding the GIL.
