@@ -46,12 +46,13 @@ from models.motion_vae import MotionVAE
 from models.sparse import SparseVoxels
 from models.static_vae import StaticVAE
 from models.trellis.flow_euler import SLAT_DEFAULTS, SS_DEFAULTS, add_sampler_args, sampler_from_args
+from utils import cli
 from utils.alignment import align_to_silhouette, rotate_z
 from utils.animate import MotionStage
 from utils.cameras import BLENDER_DEFAULT_FOV, intrinsics_from_fov, load_blender_camera, orbit_cameras, published_views
 from utils.checkpoint import load_state_dict_strict, read_weights
 from utils.config import load_config
-from utils.fileio import atomic_write
+from utils.fileio import atomic_folder, atomic_write
 from utils.gaussians import Gaussians, write_ply_sequence
 from utils.image_features import get_extractor
 from utils.logging import report_failures
@@ -63,6 +64,7 @@ from utils.render import rasterize
 from utils.video import VideoReadError, is_video_input, read_frames, to_uint8, write_video
 
 COND_VIEW, COND_BACKGROUND = 0, 0.0   # the video is view 0, composited on black as the training tokens (spec §1.7)
+MIN_VIDEO_FRAMES = 2  # one frame has no motion to follow
 PACK_FILES = {"dit": "dit.safetensors", "motion_vae": "motion_vae.safetensors", "static_vae": "static_vae.safetensors"}
 
 
@@ -100,7 +102,10 @@ def parse_args(argv=None):
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the DiT with CUDA graphs (GPU; pays off over many inputs)")
     ap.add_argument("--orbit-frames", type=int, default=48, help="frames of orbit.mp4 (one turn)")
-    ap.add_argument("--overwrite", action="store_true", help="redo inputs whose outputs exist")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="redo inputs whose outputs exist: each input's folder is replaced as a whole once its new "
+                         "outputs are complete (a failed input keeps its previous outputs)")
+    layout.add_symlink_option(ap)
     ap.add_argument("--no-metrics", action="store_true", help="no ground-truth metrics (images, motion error)")
     return ap.parse_args(argv)
 
@@ -188,8 +193,8 @@ def collect_inputs(paths: list[Path], list_file: Path | None) -> list[Job]:
                     jobs.append(Job(c.name, c, "sample"))
                 elif is_video_input(c):
                     jobs.append(Job(c.stem if c.is_file() else c.name, c, "video"))
-                elif list_file:  # a listed name that is neither: a failure for that input, not a silent skip
-                    jobs.append(Job(n, c, "missing"))
+                elif list_file or c.is_dir():  # a listed name, or a folder, that is neither: a failure for that
+                    jobs.append(Job(n, c, "missing"))  # input, not a silent skip (loose files such as PLYs are skipped)
         else:
             raise SystemExit(f"inference_dpm_latent.py: {p} is neither a prepared sample, a video nor a folder")
     if not jobs:
@@ -301,6 +306,10 @@ def video_inputs(models: Models, job: Job, args, num_frames: int, device):
         if args.num_frames is not None:  # the user asked for that many frames: a shorter clip is an error
             raise
         video = prepare(None)            # the default count is an upper bound: a shorter clip uses all its frames
+    if len(video.images) < MIN_VIDEO_FRAMES:
+        n = len(video.images)
+        raise cli.InputError(f"{job.path}: has {n} frame{'' if n == 1 else 's'} from frame {args.start} (stride "
+                             f"{args.stride}); a video needs at least {MIN_VIDEO_FRAMES}, its motion is what is followed")
     tokens = models.extractor(video.images)
     extra = {}
     if ply is not None:
@@ -461,9 +470,19 @@ def oracle_delta_xyz(canonical_xyz: torch.Tensor, static_pc: torch.Tensor, delta
                                      k=motion_vae.knn_k, beta=motion_vae.beta)[0]
 
 
+def frames_covered(num_frames: int, after_first: bool) -> str:
+    """How a mean over frames names the frames it covers, in summary.json, the printed line and scripts/evaluate.py
+    alike: the same object's numbers compare only over the same frames (frame 0 is the canonical, already seen)."""
+    if num_frames == 1:
+        return "frame 0 (the only one)"
+    return f"frames 1..{num_frames - 1} (after the first)" if after_first else f"all frames 0..{num_frames - 1}"
+
+
 @torch.no_grad()
 def ground_truth_metrics(views, canonical: Gaussians, delta: torch.Tensor, metrics: ImageMetrics) -> dict:
-    """Per frame, the mean over the held-out `views` (held_out_views) of PSNR / SSIM (/ LPIPS) against the renders."""
+    """Per frame, the mean over the held-out `views` (held_out_views) of PSNR / SSIM (/ LPIPS) against the renders;
+    their means over all frames ("mean") and over the frames after the first ("mean_after_first", the frames
+    scripts/evaluate.py reports), each named in "frames_covered"."""
     frames = canonical.apply_delta(delta)
     per_frame = []
     for i, (gt, ext, K) in enumerate(views):
@@ -474,15 +493,30 @@ def ground_truth_metrics(views, canonical: Gaussians, delta: torch.Tensor, metri
     later = per_frame[1:] or per_frame
     return {"per_frame": per_frame, "mean": {k: float(np.mean([f[k] for f in per_frame])) for k in keys},
             "mean_after_first": {k: float(np.mean([f[k] for f in later])) for k in keys},
+            "frames_covered": {"mean": frames_covered(len(per_frame), False),
+                               "mean_after_first": frames_covered(len(per_frame), True)},
             "views_per_frame": len(views[-1][0])}
 
 
 def run_job(job: Job, models: Models, args, metrics: ImageMetrics | None, device) -> dict:
     out = args.out / job.name
     if job.kind == "missing":
-        raise FileNotFoundError(f"{job.path}: neither a prepared sample nor a video")
+        raise cli.InputError(f"{job.path}: " + ("does not exist" if not job.path.exists() else
+                             "a folder with neither frame images (.png/.jpg/.webp) nor a prepared sample (imgs/)"
+                             if job.path.is_dir() else "neither a prepared sample nor a video"))
     if (out / "summary.json").is_file() and not args.overwrite:
         return {"skipped": True}
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out}: exists but holds no finished outputs (no summary.json); pass --overwrite to "
+                              f"replace it")
+    # Written into a hidden sibling and swapped in whole when complete: never a mix of two runs' files (fewer frames
+    # than before leave no stale PLYs), and a failure keeps the previous outputs as they were.
+    with atomic_folder(out, overwrite=True) as staging:
+        return animate_job(job, models, args, metrics, device, staging)
+
+
+def animate_job(job: Job, models: Models, args, metrics: ImageMetrics | None, device, out: Path) -> dict:
+    """Animate one input and write all its files into `out` (run_job's staging folder); returns its summary."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     s = models.cfg.sampling
@@ -516,44 +550,49 @@ def run_job(job: Job, models: Models, args, metrics: ImageMetrics | None, device
     return summary
 
 
+def result_line(name: str, summary: dict, out: Path) -> str:
+    """One input's outcome, printed as soon as it finishes."""
+    if summary.get("skipped"):
+        return f"{name}: outputs exist in {out} (--overwrite to redo)"
+    line = f"{name}: {summary['ply_frames']} frames, {summary['model_evaluations']} model evaluations, " \
+           f"{sum(summary['seconds'].values()):.1f} s"
+    if "metrics" in summary:  # the frames evaluate.py reports, named as there (as is the motion: after the first)
+        m = summary["metrics"]["mean_after_first"]
+        line += ", " + ", ".join(f"{k.upper()} {v:.3f}" for k, v in m.items()) + \
+            f" over {summary['metrics']['frames_covered']['mean_after_first']}"
+    motion = summary.get("motion", {})
+    if motion.get("ratio") is not None:  # generated / true mean displacement: 1 moves as much as the object
+        line += f", motion ratio {motion['ratio']:.2f} (EPE {motion['epe']:.4f})"
+    elif "displacement" in motion:
+        line += f", mean displacement {motion['displacement']:.4f}"
+    return line + f" -> {out}"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    layout.allow_symlinks(args.allow_symlinks)
     state = PartialState(cpu=not torch.cuda.is_available())
     device = state.device
     jobs = collect_inputs(args.input, args.list)
     models = load_models(args, device)
-    metrics = None if args.no_metrics else ImageMetrics(load_lpips(device=device))
+    # Image metrics (and the LPIPS weights they may look for) only where there is ground truth to compare with.
+    wants_metrics = not args.no_metrics and any(j.kind == "sample" for j in jobs)
+    metrics = ImageMetrics(load_lpips(device=device)) if wants_metrics else None
     mine = jobs[state.process_index::state.num_processes]
-    failures, done = [], []
-    for job in tqdm(mine, desc="animate", disable=not state.is_main_process, dynamic_ncols=True):
+    failures = []
+    bar = tqdm(mine, desc="animate", disable=not state.is_main_process, dynamic_ncols=True)
+    for job in bar:
+        bar.set_postfix_str(job.name, refresh=True)
         try:
             summary = run_job(job, models, args, metrics, device)
-            done.append((job.name, summary))
-        except Exception as e:  # report by name, go on with the others
+            tqdm.write(result_line(job.name, summary, args.out / job.name))
+        except Exception as e:  # report by name as it happens, go on with the others, list them again at the end
             failures.append((job.name, f"{type(e).__name__}: {e}"))
+            tqdm.write(f"{job.name}: failed: {failures[-1][1]}", file=sys.stderr)
     if state.num_processes > 1:
         failures = [f for part in gather_object([failures]) for f in part]
-        done = [d for part in gather_object([done]) for d in part]
-    status = 0
-    if state.is_main_process:
-        for name, summary in done:
-            if summary.get("skipped"):
-                print(f"{name}: outputs exist in {args.out / name} (--overwrite to redo)")
-                continue
-            line = f"{name}: {summary['ply_frames']} frames, {summary['model_evaluations']} model evaluations, " \
-                   f"{sum(summary['seconds'].values()):.1f} s"
-            if "metrics" in summary:
-                m = summary["metrics"]["mean"]
-                line += ", " + ", ".join(f"{k.upper()} {v:.3f}" for k, v in m.items())
-            motion = summary.get("motion", {})
-            if motion.get("ratio") is not None:  # generated / true mean displacement: 1 moves as much as the object
-                line += f", motion ratio {motion['ratio']:.2f} (EPE {motion['epe']:.4f})"
-            elif "displacement" in motion:
-                line += f", mean displacement {motion['displacement']:.4f}"
-            print(line + f" -> {args.out / name}")
-        status = report_failures(failures, len(jobs), "inputs")
-    return status
+    return report_failures(failures, len(jobs), "inputs") if state.is_main_process else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -106,9 +106,11 @@ stage latents "$py" encode_latent.py --config "$vae_cfg" --diffusion-config "$di
 stage dit "$py" main_latent.py --config "$dit_cfg" --data-root "$data" --list "$data/train.txt" --out "$runs/dit" \
   $(resume "$runs/dit") data.stats_dir="$runs/stats" "${dit_set[@]}"
 stage pack "$py" scripts/make_pack.py --vae-run "$runs/vae" --dit-run "$runs/dit" --stats-dir "$runs/stats" \
-  --vae-config "$vae_cfg" --config "$dit_cfg" --out "$runs/pack" --overwrite
+  --data-root "$data" --train-list "$data/train.txt" --vae-config "$vae_cfg" --config "$dit_cfg" --out "$runs/pack" \
+  --overwrite
+# The pack carries the training set's mean latent (the mean-motion baseline): evaluation needs no training list.
 stage evaluate "$py" scripts/evaluate.py --pack "$runs/pack" --data-root "$data" --list "$data/test.txt" \
-  --train-list "$data/train.txt" --out "$runs/eval" ${eval_limit:+--limit "$eval_limit"}
+  --out "$runs/eval" ${eval_limit:+--limit "$eval_limit"}
 
 echo
 echo "| stage | minutes |"

@@ -226,3 +226,34 @@ def test_video_without_canonical_uses_the_image_to_3d_stage(world, tmp_path):
     assert stage["voxels"] > 0 and summary["gaussians"] == 8 * stage["voxels"]   # 8 Gaussians per occupied voxel
     assert stage["model_evaluations"] == {"ss": 6, "slat": 2} and stage["samplers"]["slat"]["steps"] == 2
     assert len(list((out / "clip" / "ply").glob("*.ply"))) == 8
+
+
+def test_overwrite_replaces_an_output_folder_as_a_whole(world, monkeypatch):
+    """--overwrite with fewer frames leaves exactly the new frames (no stale PLYs of the earlier run); a run that fails
+    midway keeps the previous outputs byte for byte and leaves no temporary folder."""
+    root, data, pack = world
+    name = layout.list_samples(data)[0]
+    out = root / "out_overwrite"
+    assert _run("--pack", pack, "--input", data / name, "--out", out, "--no-metrics") == 0
+    d = out / name
+    assert sorted(p.name for p in (d / "ply").iterdir()) == [f"frame_{t:04d}.ply" for t in range(8)]
+    assert _run("--pack", pack, "--input", data / name, "--out", out, "--no-metrics", "--num-frames", "4",
+                "--overwrite") == 0
+    assert sorted(p.name for p in (d / "ply").iterdir()) == [f"frame_{t:04d}.ply" for t in range(4)]
+    assert json.loads((d / "summary.json").read_text())["ply_frames"] == 4
+    assert [p.name for p in out.iterdir()] == [name]
+
+    tree = lambda: {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+    before = tree()
+    written = []
+
+    def failing_video(path, *args, **kwargs):  # the PLYs and animation.npz are written by then
+        written.append(path)
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(inference, "write_video", failing_video)
+    assert _run("--pack", pack, "--input", data / name, "--out", out, "--no-metrics", "--num-frames", "2",
+                "--overwrite") == 1
+    assert written and written[0].parent != d  # it was writing into the staging folder
+    assert tree() == before
+    assert [p.name for p in out.iterdir()] == [name]
