@@ -1,12 +1,13 @@
 # make demo   installs what is needed, then runs the demo (outputs/demo/)
 # make test   installs what is needed (.venv, CPU torch unless a GPU is present), then runs the test suite
+#             (all but the minute-long end-to-end runs; make test-slow runs those, CI runs both)
 # make pack   trains a pack from nothing with configs/small (one GPU, about 25 minutes; rerun to continue)
 # make bench  runs the benchmarks on this machine
 # make setup  installs only
 PY := .venv/bin/python
 STAMP := .venv/.gvf-setup-stamp
 
-.PHONY: setup demo test pack bench clean
+.PHONY: setup demo test test-slow pack bench clean
 
 $(STAMP): setup.sh requirements.txt requirements-gpu.txt requirements-dev.txt
 	./setup.sh --dev
@@ -19,7 +20,10 @@ demo: $(STAMP)
 	@echo "outputs: outputs/demo/<input>/ (ply/, animation.npz, orbit.mp4, compare.mp4, grid.png, summary.json)"
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
 
 pack: $(STAMP)
 	scripts/train_pack.sh

@@ -202,6 +202,7 @@ def _tiny_trellis_release(folder):
         "models": table, "slat_normalization": {"mean": [0.0] * 8, "std": [1.0] * 8}}}))
 
 
+@pytest.mark.slow  # a minute on 2 cores: `make test-slow` and CI run it
 def test_video_without_canonical_uses_the_image_to_3d_stage(world, tmp_path):
     from tiny_dinov2 import save_tiny_dinov2
     root, data, pack = world

@@ -8,9 +8,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from utils.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.slow  # a minute of end-to-end training: `make test-slow` and CI run it
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("data", "vae", "latents", "dit", "pack", "evaluate")

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from data_rendering.synthetic_dataset import main as make_synthetic
@@ -17,6 +18,7 @@ from utils.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 VAE, DIT = "configs/tiny/vae.yml", "configs/tiny/diffusion.yml"
+pytestmark = pytest.mark.slow  # three launched trainers: `make test-slow` and CI run it
 
 
 def _launch(*args, torchrun=False):
