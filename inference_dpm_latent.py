@@ -131,9 +131,9 @@ def _resolve(args) -> dict[str, Path | None]:
         stats = stats or args.pack
     missing = [f"--{k.replace('_', '-')}" for k in ("dit", "motion_vae") if paths[k] is None]
     if missing:
-        raise SystemExit(f"inference_dpm_latent.py: no weights for {', '.join(missing)} (give them or --pack)")
+        raise SystemExit(f"no weights for {', '.join(missing)} (give them or --pack)")
     if stats is None:
-        raise SystemExit("inference_dpm_latent.py: no latent statistics: give --stats-dir or --pack")
+        raise SystemExit("no latent statistics: give --stats-dir or --pack")
     return {**paths, "stats": stats}
 
 
@@ -180,7 +180,7 @@ def collect_inputs(paths: list[Path], list_file: Path | None) -> list[Job]:
     jobs = []
     for p in paths:
         if not p.exists():
-            raise SystemExit(f"inference_dpm_latent.py: input {p} does not exist")
+            raise SystemExit(f"input {p} does not exist")
         if (p / "imgs").is_dir():
             jobs.append(Job(p.name, p, "sample"))
         elif is_video_input(p):
@@ -196,9 +196,9 @@ def collect_inputs(paths: list[Path], list_file: Path | None) -> list[Job]:
                 elif list_file or c.is_dir():  # a listed name, or a folder, that is neither: a failure for that
                     jobs.append(Job(n, c, "missing"))  # input, not a silent skip (loose files such as PLYs are skipped)
         else:
-            raise SystemExit(f"inference_dpm_latent.py: {p} is neither a prepared sample, a video nor a folder")
+            raise SystemExit(f"{p} is neither a prepared sample, a video nor a folder")
     if not jobs:
-        raise SystemExit(f"inference_dpm_latent.py: no samples or videos found in {[str(p) for p in paths]}")
+        raise SystemExit(f"no samples or videos found in {[str(p) for p in paths]}")
     return jobs
 
 
@@ -587,11 +587,17 @@ def main(argv=None) -> int:
             summary = run_job(job, models, args, metrics, device)
             tqdm.write(result_line(job.name, summary, args.out / job.name))
         except Exception as e:  # report by name as it happens, go on with the others, list them again at the end
-            failures.append((job.name, f"{type(e).__name__}: {e}"))
+            # bad input reads as its message; anything else keeps its type, which says where to look
+            failures.append((job.name, cli.one_line(e) if isinstance(e, cli.refusal_types() + (ValueError,))
+                             else f"{type(e).__name__}: {cli.one_line(e)}"))
             tqdm.write(f"{job.name}: failed: {failures[-1][1]}", file=sys.stderr)
     if state.num_processes > 1:
         failures = [f for part in gather_object([failures]) for f in part]
-    return report_failures(failures, len(jobs), "inputs") if state.is_main_process else 0
+    if not state.is_main_process:
+        return 0
+    if len(jobs) == 1:  # its failure line is already on screen
+        return 1 if failures else 0
+    return report_failures(failures, len(jobs), "inputs")
 
 
 if __name__ == "__main__":

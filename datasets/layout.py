@@ -22,7 +22,7 @@ Per-dataset files, under the same ``<data_root>`` (one convention, fixing the th
 This module imports no torch at load time (only the readers that return tensors do), so the Blender script, which runs
 in a torch-free venv, names its files through it too.
 
-Readers validate what they load and raise ValueError naming the file and the problem (FileNotFoundError when the
+Readers validate what they load and raise InputError (a ValueError) naming the file and the problem (FileNotFoundError when the
 file is missing); npz files are read with ``allow_pickle=False``. Writers are atomic and refuse to overwrite.
 
 Confinement: every path built here resolves (symlinks followed) inside the real data root, or the helper raises
@@ -121,17 +121,17 @@ def _within(path, sample_root, data_root) -> Path:
 def _check_name(data_root, name: str) -> Path:
     # The lexical checks of resolve_sample: the name cannot leave data_root whatever the filesystem holds.
     if not isinstance(name, str) or not name.strip() or "\x00" in name:
-        raise ValueError(f"sample name must be a non-empty string, got {name!r}")
+        raise InputError(f"sample name must be a non-empty string, got {name!r}")
     if name != name.strip():
-        raise ValueError(f"sample name {name!r} has leading/trailing whitespace")
+        raise InputError(f"sample name {name!r} has leading/trailing whitespace")
     posix, windows = PurePosixPath(name), PureWindowsPath(name)
     if posix.is_absolute() or windows.is_absolute() or windows.drive:
-        raise ValueError(f"sample name {name!r} is an absolute path; names must be relative to the data root "
+        raise InputError(f"sample name {name!r} is an absolute path; names must be relative to the data root "
                          f"{data_root}")
     if ".." in posix.parts or ".." in windows.parts:
-        raise ValueError(f"sample name {name!r} contains '..' and would leave the data root {data_root}")
+        raise InputError(f"sample name {name!r} contains '..' and would leave the data root {data_root}")
     if all(part == "." for part in posix.parts):
-        raise ValueError(f"sample name {name!r} names the data root itself")
+        raise InputError(f"sample name {name!r} names the data root itself")
     return Path(data_root) / posix
 
 
@@ -162,7 +162,7 @@ def read_list_file(path, data_root) -> list[str]:
         try:
             resolve_sample(data_root, name)
         except ValueError as e:
-            raise ValueError(f"{path}, line {lineno}: entry {name!r} refused: {e}") from None
+            raise InputError(f"{path}, line {lineno}: entry {name!r} refused: {e}") from None
         names.append(name)
     return names
 
@@ -182,7 +182,7 @@ def select_samples(data_root, list_file=None, start: int = 0, end: int | None = 
     picked = names[start:end]
     if not picked:
         where = f"list file {list_file}" if list_file else f"{data_root}"
-        raise ValueError(f"no samples selected from {where} ({len(names)} found, slice [{start}:{end}])")
+        raise InputError(f"no samples selected from {where} ({len(names)} found, slice [{start}:{end}])")
     return picked
 
 
@@ -194,7 +194,7 @@ def write_list_file(path, names) -> Path:
 
 def _index(value, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
+        raise InputError(f"{what} must be a non-negative integer, got {value!r}")
     return int(value)
 
 
@@ -236,7 +236,7 @@ def _check_extractor(extractor: str) -> str:
     # The extractor name becomes a file / folder name: keep it a plain identifier.
     if not isinstance(extractor, str) or not extractor or not all(c.isalnum() or c in "_-." for c in extractor) \
             or extractor.startswith("."):
-        raise ValueError(f"extractor name {extractor!r} is not a plain file name")
+        raise InputError(f"extractor name {extractor!r} is not a plain file name")
     return extractor
 
 
@@ -262,7 +262,7 @@ LATENT_STATS = ("deformation_mean", "deformation_std", "static_mean", "static_st
 def latent_stats_path(stats_dir, which: str) -> Path:
     """One of the four normalisation files (spec §1.6): `which` in LATENT_STATS."""
     if which not in LATENT_STATS:
-        raise ValueError(f"latent statistics are {LATENT_STATS}, got {which!r}")
+        raise InputError(f"latent statistics are {LATENT_STATS}, got {which!r}")
     return Path(stats_dir) / f"{which}.pt"
 
 
@@ -342,15 +342,15 @@ def _load_npz(path, keys) -> dict:
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise ValueError("an .npy array, not an npz archive")
+            raise InputError("an .npy array, not an npz archive")
         with loaded as npz:
             arrays = {k: npz[k] for k in keys if k in npz.files}
             found = sorted(npz.files)
     except Exception as err:  # BadZipFile, EOFError, pickled objects, ...: a truncated or foreign file
-        raise ValueError(f"{path}: cannot read npz ({type(err).__name__}: {err})") from err
+        raise InputError(f"{path}: cannot read npz ({type(err).__name__}: {err})") from err
     missing = [k for k in keys if k not in arrays]
     if missing:
-        raise ValueError(f"{path}: missing key(s) {missing} (found {found})")
+        raise InputError(f"{path}: missing key(s) {missing} (found {found})")
     return arrays
 
 
@@ -361,37 +361,37 @@ def _as_numpy(x) -> np.ndarray:
 def _check_voxels(where, indices: np.ndarray, feats: np.ndarray, resolution: int):
     """Shared checks of a voxel feature set; raises ValueError prefixed with ``where``."""
     if indices.ndim != 2 or indices.shape[1] != 3:
-        raise ValueError(f"{where}: indices must be (N, 3), found shape {indices.shape}")
+        raise InputError(f"{where}: indices must be (N, 3), found shape {indices.shape}")
     if not np.issubdtype(indices.dtype, np.integer):
-        raise ValueError(f"{where}: indices must be integers, found dtype {indices.dtype}")
+        raise InputError(f"{where}: indices must be integers, found dtype {indices.dtype}")
     if feats.ndim != 2 or feats.shape[0] != indices.shape[0]:
-        raise ValueError(f"{where}: patchtokens must be (N={indices.shape[0]}, C), found shape {feats.shape}")
+        raise InputError(f"{where}: patchtokens must be (N={indices.shape[0]}, C), found shape {feats.shape}")
     if not np.issubdtype(feats.dtype, np.floating):
-        raise ValueError(f"{where}: patchtokens must be floating point, found dtype {feats.dtype}")
+        raise InputError(f"{where}: patchtokens must be floating point, found dtype {feats.dtype}")
     if indices.shape[0] == 0:
-        raise ValueError(f"{where}: no voxels")
+        raise InputError(f"{where}: no voxels")
     lo, hi = int(indices.min()), int(indices.max())
     if lo < 0 or hi >= resolution:
-        raise ValueError(f"{where}: voxel indices must lie in [0, {resolution}), found range [{lo}, {hi}]")
+        raise InputError(f"{where}: voxel indices must lie in [0, {resolution}), found range [{lo}, {hi}]")
     key = (indices[:, 0].astype(np.int64) * resolution + indices[:, 1]) * resolution + indices[:, 2]
     if np.unique(key).size != key.size:
-        raise ValueError(f"{where}: {key.size - np.unique(key).size} duplicate voxel indices")
+        raise InputError(f"{where}: {key.size - np.unique(key).size} duplicate voxel indices")
     if not np.isfinite(feats).all():
-        raise ValueError(f"{where}: patchtokens hold non-finite values")
+        raise InputError(f"{where}: patchtokens hold non-finite values")
 
 
 def _check_half(where, x: np.ndarray):
     if not np.isfinite(x).all():
-        raise ValueError(f"{where}: features hold non-finite values")
+        raise InputError(f"{where}: features hold non-finite values")
     if x.size and np.abs(x).max() > np.finfo(np.float16).max:
-        raise ValueError(f"{where}: features overflow float16 (max |x| {np.abs(x).max():.4g} > 65504)")
+        raise InputError(f"{where}: features overflow float16 (max |x| {np.abs(x).max():.4g} > 65504)")
 
 
 def write_voxel_features(path, indices, feats, resolution: int = VOXEL_RESOLUTION, overwrite: bool = False) -> Path:
     """Store voxel features in the published layout: ``indices`` (N, 3) uint8, ``patchtokens`` (N, C) float16
     (np.savez, uncompressed, like the published files). Fails before writing if the data would not read back."""
     if not 0 < resolution <= 256:
-        raise ValueError(f"write_voxel_features: resolution {resolution} does not fit uint8 indices")
+        raise InputError(f"write_voxel_features: resolution {resolution} does not fit uint8 indices")
     indices, feats = _as_numpy(indices), _as_numpy(feats)
     _check_voxels(f"write_voxel_features({path})", indices, feats, resolution)
     _check_half(f"write_voxel_features({path})", feats)
@@ -414,7 +414,7 @@ def write_cond_features(path, features, overwrite: bool = False) -> Path:
     and inflating 67 MB per training sample made the DiT trainer data-bound; published compressed files read too."""
     features = _as_numpy(features)
     if features.ndim != 3 or not np.issubdtype(features.dtype, np.floating):
-        raise ValueError(f"write_cond_features({path}): features must be a float (T, L, C) array, "
+        raise InputError(f"write_cond_features({path}): features must be a float (T, L, C) array, "
                          f"found {features.dtype} {features.shape}")
     _check_half(f"write_cond_features({path})", features)
     return _atomic_savez(path, overwrite, False, features=features.astype(np.float16))
@@ -424,10 +424,10 @@ def read_cond_features(path, dtype=None) -> "torch.Tensor":
     """Read per-frame image tokens: (T, L, C) tensor of ``dtype``."""
     features = _load_npz(path, ("features",))["features"]
     if features.ndim != 3 or not np.issubdtype(features.dtype, np.floating) or 0 in features.shape:
-        raise ValueError(f"{path}: features must be a non-empty float (T, L, C) array, "
+        raise InputError(f"{path}: features must be a non-empty float (T, L, C) array, "
                          f"found {features.dtype} {features.shape}")
     if not np.isfinite(features).all():
-        raise ValueError(f"{path}: features hold non-finite values")
+        raise InputError(f"{path}: features hold non-finite values")
     import torch
 
     return torch.from_numpy(features).to(dtype or torch.float32)

@@ -50,18 +50,18 @@ def load_frames(path: Path) -> Gaussians:
     if path.is_dir():
         files = sorted(path.glob("*.ply"))
         if not files:
-            raise SystemExit(f"error: {path} holds no .ply files")
+            raise SystemExit(f"{path} holds no .ply files")
         frames = [read_ply(f) for f in files]
         counts = {len(f) for f in frames}
         if len(counts) != 1:
-            raise SystemExit(f"error: the PLY files in {path} hold different Gaussian counts {sorted(counts)}; a sequence needs one count")
+            raise SystemExit(f"the PLY files in {path} hold different Gaussian counts {sorted(counts)}; a sequence needs one count")
         return Gaussians(**{k: torch.stack([getattr(f, k) for f in frames]) for k in ("xyz", "f_dc", "opacity_logit", "scale_pre", "quat")})
     if not path.is_file():
-        raise SystemExit(f"error: {path} does not exist")
+        raise SystemExit(f"{path} does not exist")
     try:
         return read_ply(path)[None]
     except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"{e}")
 
 
 def main(argv=None):

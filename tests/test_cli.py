@@ -88,3 +88,16 @@ def test_refused_pickles_say_one_line_without_torchs_advice(tmp_path, tool):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and ("evil.pt" in lines[0] or "_mean.pt" in lines[0]), p.stderr
     assert "refused" in lines[0] and "weights_only" not in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_refusal_under_a_live_progress_bar_starts_its_own_line(capsys):
+    from tqdm import tqdm
+
+    def main(argv):
+        bar = tqdm(total=3, desc="train")
+        bar.update(1)  # left open, as an exception inside a loop leaves it
+        raise cli.InputError("dl/imgs/x.png: outside the data root")
+    assert cli.run(main, []) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    prog, message = last.split(": error: ")
+    assert message == "dl/imgs/x.png: outside the data root" and "train" not in prog, last

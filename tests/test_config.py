@@ -292,6 +292,15 @@ def test_base_errors(tmp_path):
         load_config(write(tmp_path / "bad.yml", "base: 3\n"))
 
 
+
+def test_a_key_its_base_lacks_is_a_typo_unless_added_with_plus(tmp_path):
+    write(tmp_path / "root.yml", "train: {max_steps: 10, lr: 0.1}\n")
+    typo = write(tmp_path / "typo.yml", "base: root.yml\ntrain: {max_stepz: 3}\n")
+    with pytest.raises(ConfigError, match=r"typo\.yml: unknown key 'train\.max_stepz'.*did you mean train\.max_steps"):
+        load_config(typo)
+    added = write(tmp_path / "added.yml", "base: root.yml\ntrain: {+note: x, max_steps: 3}\n+extra: {a: 1}\n")
+    assert load_config(added).to_dict() == {"train": {"max_steps": 3, "lr": 0.1, "note": "x"}, "extra": {"a": 1}}
+
 # ---------------------------------------------------------------------------------------------- accelerate
 
 @pytest.mark.parametrize("name, dist, procs, precision, cpu", [

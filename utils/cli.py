@@ -62,6 +62,24 @@ def one_line_warning(message, category, filename, lineno, file=None, line=None) 
         print(text, file=file or sys.stderr)
 
 
+def _close_bars() -> None:
+    """End live progress bars first, so that the refusal starts on a line of its own (a bar leaves its line open)."""
+    tqdm_module = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm_module, "tqdm", None), "_instances", ()) or ()):
+        try:
+            bar.close()
+        except Exception:  # a bar half torn down by the exception itself: nothing to restore
+            pass
+
+
+def _refuse(prog: str, exc: BaseException, debug: bool) -> int:
+    _close_bars()
+    if debug:
+        traceback.print_exc()
+    print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
 def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Call main(argv) (argv without `--debug`) and turn its ending into an exit status and at most one line."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -74,17 +92,12 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
         status = main(args)
     except SystemExit as e:  # argparse's own exits (code 2 / 0) and `raise SystemExit("message")` refusals
         if isinstance(e.code, str):
-            if debug:
-                traceback.print_exc()
-            print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
-            return EXIT_BAD_INPUT
+            return _refuse(prog, e, debug)
         return 0 if e.code is None else int(e.code)
     except KeyboardInterrupt:
+        _close_bars()
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except refusal_types() as e:
-        if debug:
-            traceback.print_exc()
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _refuse(prog, e, debug)
     return 0 if status is None else int(status)

@@ -5,7 +5,8 @@
     save_config(cfg, "exp/config.yml")      # fully merged, no `base:` left
 
 A file may name `base: other.yml` (or a list of files), relative to itself; the bases are merged first and the
-file's own keys are merged over them recursively (mappings merge, everything else replaces). Overrides
+file's own keys are merged over them recursively (mappings merge, everything else replaces); a key the bases do not
+have is refused as a typo unless written `+key:`. Overrides
 `a.b.c=value` are applied last; the value is read as YAML, so numbers, booleans, null and lists work. An override
 of a key that does not exist is an error (it is almost always a typo) unless written `+a.b.c=value`.
 """
@@ -180,7 +181,26 @@ def _read_file(path: Path, chain: tuple[Path, ...]) -> Config:
     merged = Config()
     for name in bases:  # later bases win over earlier ones, the file itself over all of them
         merged = merge(merged, _read_file(path.parent / name, (*chain, path)))
-    return merge(merged, own)
+    return merge(merged, _known_keys(own, merged, path))
+
+
+def _known_keys(own: Mapping, base: Mapping, path: Path, prefix: str = "") -> dict:
+    """`own` with every key checked against its base: a key the base lacks is a typo unless written `+key` (the
+    override convention), which adds it. A silently added `max_stepz` would leave max_steps at the base's value."""
+    out = {}
+    for key, value in own.items():
+        name = str(key)
+        if name.startswith("+"):
+            out[name[1:]] = value
+            continue
+        if key not in base:
+            close = difflib.get_close_matches(name, [str(k) for k in base], n=3)
+            hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
+            raise ConfigError(f"{path}: unknown key {prefix + name!r}, which its base does not have{hint} "
+                              f"(write `+{name}:` to add a new key)")
+        both = isinstance(value, Mapping) and isinstance(base[key], Mapping)
+        out[key] = _known_keys(value, base[key], path, f"{prefix}{name}.") if both else value
+    return out
 
 
 def _split_override(text: str, source: str) -> tuple[list[str], Any, bool]:
