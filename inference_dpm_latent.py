@@ -579,7 +579,7 @@ def main(argv=None) -> int:
     wants_metrics = not args.no_metrics and any(j.kind == "sample" for j in jobs)
     metrics = ImageMetrics(load_lpips(device=device)) if wants_metrics else None
     mine = jobs[state.process_index::state.num_processes]
-    failures = []
+    failures, bad_input = [], False
     bar = tqdm(mine, desc="animate", disable=not state.is_main_process, dynamic_ncols=True)
     for job in bar:
         bar.set_postfix_str(job.name, refresh=True)
@@ -588,16 +588,16 @@ def main(argv=None) -> int:
             tqdm.write(result_line(job.name, summary, args.out / job.name))
         except Exception as e:  # report by name as it happens, go on with the others, list them again at the end
             # bad input reads as its message; anything else keeps its type, which says where to look
-            failures.append((job.name, cli.one_line(e) if isinstance(e, cli.refusal_types() + (ValueError,))
-                             else f"{type(e).__name__}: {cli.one_line(e)}"))
+            bad_input = isinstance(e, cli.refusal_types() + (ValueError,))
+            failures.append((job.name, cli.one_line(e) if bad_input else f"{type(e).__name__}: {cli.one_line(e)}"))
             tqdm.write(f"{job.name}: failed: {failures[-1][1]}", file=sys.stderr)
     if state.num_processes > 1:
         failures = [f for part in gather_object([failures]) for f in part]
     if not state.is_main_process:
         return 0
-    if len(jobs) == 1:  # its failure line is already on screen
-        return 1 if failures else 0
-    return report_failures(failures, len(jobs), "inputs")
+    if len(jobs) == 1:  # its failure line is already on screen; a refused input is bad input (2), as everywhere
+        return (cli.EXIT_BAD_INPUT if bad_input else 1) if failures else 0
+    return report_failures(failures, len(jobs), "inputs")  # a batch: 1 when any input failed
 
 
 if __name__ == "__main__":

@@ -215,7 +215,7 @@ def test_video_without_canonical_uses_the_image_to_3d_stage(world, tmp_path):
     out = tmp_path / "out"
     # Without the TRELLIS files: the clip fails with a message naming what is missing.
     assert _run("--pack", pack, "--input", videos, "--out", out, "--trellis", tmp_path / "no_trellis",
-                "--dinov2", tmp_path / "dinov2", "--matting", "threshold") == 1
+                "--dinov2", tmp_path / "dinov2", "--matting", "threshold") == 2  # one input, refused: bad input
     _tiny_trellis_release(tmp_path / "trellis")
     # Sampler flags: 3 SS steps all guided (2 calls each), 2 unguided SLat steps.
     status = _run("--pack", pack, "--input", videos, "--out", out, "--trellis", tmp_path / "trellis",
