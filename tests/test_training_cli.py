@@ -73,3 +73,42 @@ def test_vae_encode_dit_pipeline(tmp_path):
     weights = load_checkpoint(_latest(dit_run) / "ema_dit.safetensors")[0]
     DiT(**load_config(DIT).model).load_state_dict(weights)
     assert _latest(dit_run).name == "step_0000004"
+
+
+def test_sigterm_to_the_command_saves_says_where_and_exits_0(tmp_path):
+    """`python main_latent.py ...` as the README starts it: SIGTERM mid-run -> a checkpoint, one line naming it, 0."""
+    import signal
+    import time
+    data = tmp_path / "data"
+    assert make_synthetic(["--out", str(data), "--num", "2", "--frames", "8", "--views", "2", "--res", "32",
+                           "--workers", "1", "--test-fraction", "0"]) == 0
+    _launch("encode_latent.py", "--config", VAE, "--diffusion-config", DIT, "--data-root", data, "--vae-run",
+            _vae_run_for(tmp_path, data))
+    env = {**os.environ, "GVF_LPIPS_HUB": "off", "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "dit"
+    proc = subprocess.Popen([sys.executable, "main_latent.py", "--config", DIT, "--data-root", str(data), "--out",
+                             str(run), "train.max_steps=100000", "train.log_interval=1", "data.num_workers=0"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "tensorboard").exists():  # the trainer is set up
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        time.sleep(3)  # a few steps in
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    step = _latest(run).name
+    lines = [ln for ln in (out + err).replace("\r", "\n").splitlines() if ln.startswith("stopped by SIGTERM")]
+    assert len(lines) == 1 and str(run / "checkpoints" / step) in lines[0] and "--resume latest" in lines[0], lines
+    assert lines[0].startswith(f"stopped by SIGTERM at step {int(step.split('_')[1])};")
+
+
+def _vae_run_for(tmp_path, data) -> Path:
+    vae_run = tmp_path / "vae"
+    _launch("main_vae.py", "--config", VAE, "--data-root", data, "--out", vae_run, "train.max_steps=1",
+            "train.static_vae_steps=1", "data.num_workers=0")
+    return vae_run
