@@ -9,7 +9,7 @@ STAMP := .venv/.gvf-setup-stamp
 
 .PHONY: setup demo test test-slow pack bench clean
 
-$(STAMP): setup.sh requirements.txt requirements-gpu.txt requirements-dev.txt
+$(STAMP): setup.sh pyproject.toml requirements.txt requirements-gpu.txt requirements-dev.txt
 	./setup.sh --dev
 
 setup: $(STAMP)

@@ -56,7 +56,7 @@ reqs=(requirements.txt)
 [ "$mode" = cuda ] && reqs+=(requirements-gpu.txt)
 [ "$dev" = 1 ] && reqs+=(requirements-dev.txt)
 stamp="$venv/.gvf-setup-stamp"
-want="$mode $CPU_TORCH $(cat "${reqs[@]}" | sha256sum | cut -c1-16)"
+want="$mode $CPU_TORCH $(cat "${reqs[@]}" pyproject.toml | sha256sum | cut -c1-16)"
 if [ "$force" = 0 ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   touch "$stamp"  # keeps make's dependency on the stamp satisfied
   echo "setup.sh: $venv is up to date ($mode)"
@@ -79,6 +79,9 @@ else
     echo "setup.sh: installing $r: $(grep -v '^\s*#' "$r" | sed 's/[<>=!~;[ ].*//' | grep . | tr '\n' ' ')"
     pip_install -r "$r" -c "$constraints"
   done
+  # The project itself, editable: its packages import from anywhere without sys.path edits (pyproject.toml).
+  echo "setup.sh: installing this project (pip install -e .)"
+  pip_install --no-deps -e .
   echo "$want" > "$stamp"
   echo "setup.sh: installed into $venv (torch $tver, $mode)"
 fi
@@ -89,5 +92,6 @@ if [ "$render" = 1 ]; then
   command -v "$rpy" >/dev/null 2>&1 || { echo "setup.sh: --render needs $rpy (bpy wheels are built for CPython 3.11)" >&2; exit 1; }
   [ -x .venv-render/bin/python ] || "$rpy" -m venv .venv-render
   .venv-render/bin/python -c 'import bpy' 2>/dev/null || .venv-render/bin/python -m pip install -q "bpy==4.2.*"
+  .venv-render/bin/python -m pip install -q --no-deps -e .  # blender_render.py imports datasets/ and utils/
   echo "setup.sh: Blender venv ready in .venv-render"
 fi

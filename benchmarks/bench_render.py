@@ -7,16 +7,26 @@ agreement between the torch and gsplat backends.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
-from render_reference import random_scene  # noqa: E402
-from timing import measure  # noqa: E402
-from utils.cameras import turntable  # noqa: E402
-from utils.render import rasterize  # noqa: E402
+from timing import measure
+from utils.cameras import turntable
+from utils.render import rasterize
+
+
+def _random_scene():
+    """The tests' scene generator (tests/ is not a package: load the file itself)."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "tests" / "render_reference.py"
+    spec = importlib.util.spec_from_file_location("render_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.random_scene
+
+
+random_scene = _random_scene()
 
 PARAMS = ["xyz", "f_dc", "opacity_logit", "scale_pre", "quat"]
 

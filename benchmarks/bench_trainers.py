@@ -24,13 +24,12 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT)]
-import main_latent  # noqa: E402
-import main_vae  # noqa: E402
-from datasets import layout  # noqa: E402
-from utils.cameras import BLENDER_DEFAULT_FOV, blender_camera_json, orbit_cameras  # noqa: E402
-from utils.config import load_config  # noqa: E402
-from utils.training import TrainLoop  # noqa: E402
+import main_latent
+import main_vae
+from datasets import layout
+from utils.cameras import BLENDER_DEFAULT_FOV, blender_camera_json, orbit_cameras
+from utils.config import load_config
+from utils.training import TrainLoop
 
 
 def make_data(root: Path, objects: int, frames: int, views: int, res: int, points: int, voxel_channels: int,

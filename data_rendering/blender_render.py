@@ -48,10 +48,9 @@ from pathlib import Path
 
 import numpy as np
 
-SUPPORTED_SUFFIXES = (".glb", ".gltf", ".fbx")
+from datasets.layout import camera_path, image_path, mesh_frame_path, render_metadata_path, static_marker_path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root: file names come from datasets/layout.py
-from datasets.layout import camera_path, image_path, mesh_frame_path, render_metadata_path, static_marker_path  # noqa: E402
+SUPPORTED_SUFFIXES = (".glb", ".gltf", ".fbx")
 
 
 def partial_dir(out) -> Path:

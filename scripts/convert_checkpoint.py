@@ -24,11 +24,10 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from utils.checkpoint import (CheckpointError, check_state_dict, load_checkpoint, load_published,  # noqa: E402
+from utils.checkpoint import (CheckpointError, check_state_dict, load_checkpoint, load_published,
                               save_checkpoint, save_published, summarize)
-from utils import cli  # noqa: E402
-from utils.config import ConfigError, load_config  # noqa: E402
+from utils import cli
+from utils.config import ConfigError, load_config
 
 # kind -> (default config file, section, model module, class, constructor kwargs from the section).
 # The model modules and class names are the planned ones; a missing one only disables the check.

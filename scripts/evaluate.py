@@ -50,17 +50,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import inference_dpm_latent as inference  # noqa: E402
-from datasets import layout  # noqa: E402
-from models.motion_vae import pad_gaussians  # noqa: E402
-from scripts.make_pack import mean_latent  # noqa: E402
-from utils import cli  # noqa: E402
-from utils.fileio import atomic_write  # noqa: E402
-from utils.losses import load_lpips  # noqa: E402
-from utils.metrics import ImageMetrics, motion_statistics  # noqa: E402
-from utils.render import rasterize  # noqa: E402
-from utils.video import to_uint8  # noqa: E402
+import inference_dpm_latent as inference
+from datasets import layout
+from models.motion_vae import pad_gaussians
+from scripts.make_pack import mean_latent
+from utils import cli
+from utils.fileio import atomic_write
+from utils.losses import load_lpips
+from utils.metrics import ImageMetrics, motion_statistics
+from utils.render import rasterize
+from utils.video import to_uint8
 
 METHODS = ("generated", "VAE reconstruction", "oracle", "still", "mean motion")
 MOTION_KEYS = ("epe", "displacement", "true_displacement", "ratio", "cosine")

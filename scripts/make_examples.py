@@ -18,12 +18,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import inference_dpm_latent as inference  # noqa: E402
-from datasets import layout  # noqa: E402
-from utils import cli  # noqa: E402
-from utils.gaussians import write_ply  # noqa: E402
-from utils.video import write_video  # noqa: E402
+import inference_dpm_latent as inference
+from datasets import layout
+from utils import cli
+from utils.gaussians import write_ply
+from utils.video import write_video
 
 
 def main(argv=None) -> int:

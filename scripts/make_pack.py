@@ -23,14 +23,13 @@ from pathlib import Path
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from datasets import layout  # noqa: E402
-from utils import cli  # noqa: E402
-from inference_dpm_latent import PACK_FILES  # noqa: E402  (the names inference --pack reads)
-from utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from utils.config import load_config  # noqa: E402
-from utils.fileio import atomic_write  # noqa: E402
-from utils.training import resolve_checkpoint, weights_file  # noqa: E402
+from datasets import layout
+from utils import cli
+from inference_dpm_latent import PACK_FILES  # the names inference --pack reads
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.config import load_config
+from utils.fileio import atomic_write
+from utils.training import resolve_checkpoint, weights_file
 
 
 def mean_latent(data_root: Path, names: list[str]) -> torch.Tensor:

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils import cli  # noqa: E402
-from utils.cameras import orbit_cameras  # noqa: E402
-from utils.gaussians import Gaussians, read_ply, write_ply  # noqa: E402
-from utils.render import rasterize  # noqa: E402
-from utils.video import write_video  # noqa: E402
+from utils import cli
+from utils.cameras import orbit_cameras
+from utils.gaussians import Gaussians, read_ply, write_ply
+from utils.render import rasterize
+from utils.video import write_video
 
 
 def example_torus(n: int = 12000, seed: int = 0) -> Gaussians:

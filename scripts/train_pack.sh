@@ -11,6 +11,8 @@
 # The pack is written to <runs>/pack (never over assets/pack: copy it there yourself).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# The project root on the import path for scripts/*.py also where `pip install -e .` has not run (a bare GPU machine).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 usage() {
   cat <<'EOF'
