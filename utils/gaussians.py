@@ -152,10 +152,7 @@ class Gaussians:
         """Concatenate sets along the Gaussian axis."""
         return Gaussians(**{f.name: torch.cat([getattr(g, f.name) for g in items], dim=-2) for f in fields(Gaussians)})
 
-    # PLY -------------------------------------------------------------------------------------------
-    def save_ply(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
-        return write_ply(self, path, overwrite=overwrite)
-
+    # PLY (writing: write_ply) -----------------------------------------------------------------------
     @classmethod
     def load_ply(cls, path: str | os.PathLike) -> "Gaussians":
         return read_ply(path)

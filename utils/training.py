@@ -371,9 +371,6 @@ class EMA:
             for k, v in state_dict.items():
                 self.shadow[k].copy_(v)
 
-    def copy_to(self, model: nn.Module) -> None:
-        model.load_state_dict(self.shadow)
-
     @contextlib.contextmanager
     def applied_to(self, model: nn.Module):
         """Temporarily put the EMA weights into `model` (evaluation, sample images); the live weights come back."""
