@@ -34,8 +34,9 @@ from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from datasets import layout
+from datasets.condition import condition_frames, fps_gaussians
 from datasets.latent_dataset import compute_latent_stats
-from datasets.vae_dataset import VAEDataset, composite, load_rgba
+from datasets.vae_dataset import VAEDataset
 from models.motion_vae import MotionVAE
 from models.sparse import SparseVoxels
 from models.static_vae import StaticVAE
@@ -45,11 +46,7 @@ from utils import cli
 from utils.fileio import atomic_write, lock_folder
 from utils.image_features import get_extractor
 from utils.logging import report_failures
-from utils.pointcloud import farthest_point_sample, gather_points
 from utils.training import on_main_process, resolve_checkpoint, weights_file
-
-COND_VIEW = 0          # the front view is the video (spec §1.7)
-COND_BACKGROUND = 0.0  # black, as the published training features (spec §1.7, §10.5)
 
 
 def parse_args(argv=None):
@@ -112,7 +109,7 @@ class Encoder:
             if cond.shape[1] < self.num_static_cond:
                 raise ValueError(f"{cond.shape[1]} canonical Gaussians, fewer than the {self.num_static_cond} "
                                  f"of the static condition")
-            static_cond = gather_points(cond, farthest_point_sample(cond[..., :3], self.num_static_cond))
+            static_cond = fps_gaussians(cond, self.num_static_cond)  # the set MotionStage samples at inference
             enc = self.motion_vae.encode(item["static_pc"][None].to(dev), item["deltas"][None].to(dev), cond)
         out = {
             "latent_mean": enc.posterior.mean[0].float(),                   # (T, L, C)
@@ -129,11 +126,7 @@ class Encoder:
 
     @torch.no_grad()
     def cond_tokens(self, sample_root: Path, num_frames: int, data_root: Path | None = None) -> torch.Tensor:
-        images = []
-        for t in range(num_frames):
-            rgb, alpha = load_rgba(layout.image_path(sample_root, t, COND_VIEW, data_root=data_root))
-            images.append(composite(rgb, alpha, COND_BACKGROUND, blur=False))
-        return self.extractor(torch.stack(images)).cpu()
+        return self.extractor(condition_frames(sample_root, num_frames, data_root=data_root)).cpu()
 
 
 def encode_all(enc: Encoder, dataset: VAEDataset, data_root: Path, indices: list[int], extractor_name: str,

@@ -39,6 +39,7 @@ from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from datasets import layout
+from datasets.condition import COND_BACKGROUND, COND_VIEW, condition_frames
 from datasets.latent_dataset import load_latent_stats
 from datasets.vae_dataset import VAEDataset, composite, load_rgba, pool_voxels
 from models.dit import DiT
@@ -63,7 +64,6 @@ from utils.pointcloud import interpolate_displacements
 from utils.render import rasterize
 from utils.video import VideoReadError, is_video_input, read_frames, to_uint8, write_video
 
-COND_VIEW, COND_BACKGROUND = 0, 0.0   # the video is view 0, composited on black as the training tokens (spec §1.7)
 MIN_VIDEO_FRAMES = 2  # one frame has no motion to follow
 PACK_FILES = {"dit": "dit.safetensors", "motion_vae": "motion_vae.safetensors", "static_vae": "static_vae.safetensors"}
 
@@ -181,7 +181,7 @@ def collect_inputs(paths: list[Path], list_file: Path | None) -> list[Job]:
     for p in paths:
         if not p.exists():
             raise SystemExit(f"input {p} does not exist")
-        if (p / "imgs").is_dir():
+        if layout.has_renders(p):
             jobs.append(Job(p.name, p, "sample"))
         elif is_video_input(p):
             jobs.append(Job(p.stem if p.is_file() else p.name, p, "video"))
@@ -189,7 +189,7 @@ def collect_inputs(paths: list[Path], list_file: Path | None) -> list[Job]:
             names = layout.read_list_file(list_file, p) if list_file else sorted(c.name for c in p.iterdir())
             for n in names:
                 c = layout.resolve_sample(p, n)
-                if (c / "imgs").is_dir():
+                if layout.has_renders(c):
                     jobs.append(Job(c.name, c, "sample"))
                 elif is_video_input(c):
                     jobs.append(Job(c.stem if c.is_file() else c.name, c, "video"))
@@ -225,28 +225,24 @@ def static_reconstruction(models: Models, sample: Path, extractor_name: str, dev
     vae = models.static_vae
     coords, feats = layout.read_voxel_features(layout.voxel_features_path(sample, 0, extractor_name))
     coords, feats = pool_voxels(coords, feats, layout.VOXEL_RESOLUTION // vae.resolution)
-    voxels = SparseVoxels.from_list([coords], [feats]).to(device, torch.float32)
+    # float16 as VAEDataset hands them to training and encode_latent: the same canonical the DiT was trained on
+    voxels = SparseVoxels.from_list([coords], [feats.half()]).to(device, torch.float32)
     gaussians, _, _ = vae(voxels, sample_posterior=False)
     return gaussians[0]
 
 
 def sample_inputs(models: Models, job: Job, args, num_frames: int, device):
     """Tokens (T, L, C), canonical, the conditioning frames (T, 3, H, W) and an info dict for a prepared sample."""
-    views = sorted(job.path.glob("imgs/timestep_00_view_*.png"))
-    frames = sum(1 for _ in job.path.glob(f"imgs/timestep_*_view_{COND_VIEW:02d}.png"))
+    frames, views = layout.count_renders(job.path)
     if frames == 0:
-        raise FileNotFoundError(f"{job.path}: no view-{COND_VIEW} renders (imgs/timestep_TT_view_00.png)")
+        raise FileNotFoundError(f"{layout.image_path(job.path, 0, COND_VIEW)}: no renders of the conditioning view")
     t = min(num_frames, frames)
-    images = []
-    for i in range(t):
-        rgb, alpha = load_rgba(layout.image_path(job.path, i, COND_VIEW))
-        images.append(composite(rgb, alpha, COND_BACKGROUND, blur=False))
-    images = torch.stack(images)
+    images = condition_frames(job.path, t)  # the images encode_latent.py made the training tokens from
     tokens = models.extractor(images)
     ply = canonical_ply(args, job)
     canonical = Gaussians.load_ply(ply).to(device) if ply else \
         static_reconstruction(models, job.path, models.voxel_extractor, device)
-    return tokens, canonical, images, {"frames": t, "views": len(views),
+    return tokens, canonical, images, {"frames": t, "views": views,
                                        "canonical": str(ply) if ply else "static VAE"}
 
 

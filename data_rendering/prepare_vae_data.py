@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     if args.list:
         names = layout.read_list_file(args.list, args.data_root)
     else:
-        names = sorted(p.name for p in args.data_root.iterdir() if (p / "imgs").is_dir())
+        names = sorted(p.name for p in args.data_root.iterdir() if layout.has_renders(p))
     extractor = get_extractor(args.extractor, device=args.device, weights=args.weights)
     failures = []
     for i, name in enumerate(names):

@@ -4,10 +4,10 @@ the per-frame image tokens, normalised with the four statistics files.
 Per item: a fresh latent draw mean + std·ε over T frames chosen from the clip (sorted; all of them when T equals the clip
 length), or the posterior mean itself with `posterior_draws=False` (see compute_latent_stats for why),
 x = (latent - deformation_mean) / deformation_std, static = (fps_4096 - static_mean) / static_std, token
-positions = the 512 anchors' xyz normalised by the static statistics' xyz part (spec §10.7: the same normalisation is
-used when sampling), and the matching frames' image tokens. With probability `uncond_p` all image tokens of the item
-are zeroed (classifier-free guidance dropout); the static condition is never dropped. Randomness comes from
-(seed, epoch, index), as in the VAE dataset.
+positions = the 512 anchors' xyz normalised by the static statistics' xyz part (spec §10.7), and the matching frames'
+image tokens; the condition is built by datasets/condition.dit_condition, which inference calls too. With probability
+`uncond_p` all image tokens of the item are zeroed (classifier-free guidance dropout); the static condition is never
+dropped. Randomness comes from (seed, epoch, index), as in the VAE dataset.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from datasets import layout
+from datasets.condition import dit_condition
 from utils.checkpoint import safe_load
 
 
@@ -109,16 +110,14 @@ class LatentDataset(Dataset):
         if self.posterior_draws:
             x = x + std[frames] * torch.randn(x.shape, generator=gen)
         s = self.stats
-        xyz = latent["fps_sampled_gs_1024"][:, :3].float()  # the 512 anchors (published key name)
-        if self.normalize_position_xyz:
-            xyz = (xyz - s["static_mean"][..., :3]) / s["static_std"][..., :3]
         cond_images = tokens[frames]
         if self.train and rng.random() < self.uncond_p:
             cond_images = torch.zeros_like(cond_images)
+        # "fps_sampled_gs_1024" keeps its published name; it holds the num_latents anchors
+        cond = dit_condition(latent["fps_sampled_gs_4096"], latent["fps_sampled_gs_1024"], cond_images, s,
+                             self.normalize_position_xyz)
         return {
-            "x": (x - s["deformation_mean"]) / s["deformation_std"],                       # (T, 512, 16)
-            "cond_images": cond_images,                                                    # (T, L, C) float16
-            "static_latent": (latent["fps_sampled_gs_4096"].float() - s["static_mean"]) / s["static_std"],  # (S, 14)
-            "deformation_position_xyz": xyz,                                               # (512, 3)
+            "x": (x - s["deformation_mean"]) / s["deformation_std"],  # (T, 512, 16)
+            **cond,  # cond_images (T, L, C) float16, static_latent (S, 14), deformation_position_xyz (512, 3)
             "frame_idx": frames,
         }

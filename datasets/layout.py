@@ -208,6 +208,22 @@ def image_path(sample_root, timestep: int, view: int, *, data_root=None) -> Path
     return _within(Path(sample_root) / "imgs" / f"{_frame_stem(timestep, view)}.png", sample_root, data_root)
 
 
+def has_renders(sample_root) -> bool:
+    """A prepared sample has its renders folder (what tells a sample from a video folder)."""
+    return (Path(sample_root) / "imgs").is_dir()
+
+
+def count_renders(sample_root, *, data_root=None) -> tuple[int, int]:
+    """(frames, views) a sample's renders cover from the start: frames of view 0 and views of frame 0 that exist
+    in sequence (0, 1, 2, ... until the first missing one); confined as image_path is."""
+    frames = views = 0
+    while image_path(sample_root, frames, 0, data_root=data_root).is_file():
+        frames += 1
+    while image_path(sample_root, 0, views, data_root=data_root).is_file():
+        views += 1
+    return frames, views
+
+
 def camera_path(sample_root, timestep: int, view: int, *, data_root=None) -> Path:
     return _within(Path(sample_root) / "meta_data" / f"{_frame_stem(timestep, view)}.json", sample_root, data_root)
 

@@ -142,7 +142,7 @@ class VAEDataset(Dataset):
         if not self.images:
             return item
 
-        available = sum(1 for _ in (root / "imgs").glob("timestep_00_view_*.png"))
+        available = layout.count_renders(root, data_root=self.data_root)[1]
         views = min(self.num_views, available)
         if views == 0:
             raise FileNotFoundError(f"{root}: no renders of frame 0")

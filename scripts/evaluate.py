@@ -205,7 +205,7 @@ def read_names(args) -> list[str]:
     if not names:
         raise cli.InputError(f"{args.list}: no sample names")
     for n in names:
-        if not (layout.resolve_sample(args.data_root, n) / "imgs").is_dir():
+        if not layout.has_renders(layout.resolve_sample(args.data_root, n)):
             raise cli.InputError(f"{args.list}: {n}: no prepared sample {args.data_root / n} (no imgs/ folder)")
     return names
 

@@ -3,10 +3,10 @@
     motion = MotionStage(dit, motion_vae, stats, sampling=cfg.sampling, num_static_cond=4096)
     result = motion(canonical, tokens, seed=0)            # tokens (T, L, C); result.delta (T, N, 14), result.nfe
 
-Conditions as in training (datasets/latent_dataset.py): the num_latents FPS anchors of the canonical Gaussians (their
-xyz, normalised by the static statistics when the DiT was trained so, spec §10.7) and num_static_cond FPS Gaussians
-normalised by the static statistics; noise (T, L, C) is solved by DPM-Solver++ (models/dpm_solver.py), de-normalised
-and decoded by the motion VAE against every canonical Gaussian. No file I/O here.
+Conditions as in training, by the same functions (datasets/condition.py): the num_latents FPS anchors of the canonical
+Gaussians (their xyz, normalised by the static statistics when the DiT was trained so, spec §10.7) and num_static_cond
+FPS Gaussians normalised by the static statistics; noise (T, L, C) is solved by DPM-Solver++ (models/dpm_solver.py),
+de-normalised and decoded by the motion VAE against every canonical Gaussian. No file I/O here.
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from typing import Mapping
 
 import torch
 
+from datasets.condition import dit_condition, fps_gaussians
 from models.dpm_solver import sample, sample_kwargs
 from utils.gaussians import Gaussians
-from utils.pointcloud import farthest_point_sample, gather_points
 
 
 @dataclass
@@ -55,16 +55,11 @@ class MotionStage:
         if n < max(s, self.motion_vae.num_latents):
             raise ValueError(f"the canonical has {n} Gaussians; the models need at least "
                              f"{max(s, self.motion_vae.num_latents)}")
-        # FPS from the first Gaussian, as encode_latent.py and MotionVAE.encode do for the training latents.
-        anchors = gather_points(cond, farthest_point_sample(cond[..., :3], self.motion_vae.num_latents))
-        static = gather_points(cond, farthest_point_sample(cond[..., :3], s))
-        st = self.stats
-        xyz = anchors[..., :3]
-        if self.normalize_position_xyz:
-            xyz = (xyz - st["static_mean"][..., :3]) / st["static_std"][..., :3]
-        return {"cond_images": tokens.to(self.device, torch.float32)[None],
-                "static_latent": (static - st["static_mean"]) / st["static_std"],
-                "deformation_position_xyz": xyz}
+        # The sets encode_latent.py stores for training: the same FPS (MotionVAE.encode's anchors, the static set).
+        anchors = fps_gaussians(cond, self.motion_vae.num_latents)
+        static = fps_gaussians(cond, s)
+        return dit_condition(static, anchors, tokens.to(self.device, torch.float32)[None], self.stats,
+                             self.normalize_position_xyz)
 
     @torch.no_grad()
     def __call__(self, canonical: Gaussians, tokens: torch.Tensor, seed: int = 0, **overrides) -> MotionResult:
