@@ -41,24 +41,25 @@ from tqdm import tqdm
 from datasets import layout
 from datasets.condition import COND_BACKGROUND, COND_VIEW, condition_frames
 from datasets.latent_dataset import load_latent_stats
-from datasets.vae_dataset import VAEDataset, composite, load_rgba, pool_voxels
+from datasets.vae_dataset import VAEDataset
 from models.dit import DiT
 from models.motion_vae import MotionVAE
 from models.sparse import SparseVoxels
 from models.static_vae import StaticVAE
 from models.trellis.flow_euler import SLAT_DEFAULTS, SS_DEFAULTS, add_sampler_args, sampler_from_args
+from pipeline.alignment import align_to_silhouette, rotate_z
+from pipeline.animate import MotionStage
+from pipeline.matting import prepare_video_frames, trellis_preprocess
 from utils import cli
-from utils.alignment import align_to_silhouette, rotate_z
-from utils.animate import MotionStage
 from utils.cameras import BLENDER_DEFAULT_FOV, intrinsics_from_fov, load_blender_camera, orbit_cameras, published_views
 from utils.checkpoint import load_state_dict_strict, read_weights
 from utils.config import load_config
 from utils.fileio import atomic_folder, atomic_write
 from utils.gaussians import Gaussians, write_ply_sequence
 from utils.image_features import get_extractor
+from utils.images import composite, load_rgba, pool_voxels
 from utils.logging import report_failures
 from utils.losses import load_lpips
-from utils.matting import prepare_video_frames, trellis_preprocess
 from utils.metrics import ImageMetrics, motion_statistics
 from utils.pointcloud import interpolate_displacements
 from utils.render import rasterize

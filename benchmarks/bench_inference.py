@@ -20,7 +20,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 from bench_models import randomise  # noqa: E402
 from models.dit import DiT  # noqa: E402
 from models.motion_vae import MotionVAE  # noqa: E402
-from utils.animate import MotionStage  # noqa: E402
+from pipeline.animate import MotionStage  # noqa: E402
 from utils.cameras import orbit_cameras  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.gaussians import Gaussians  # noqa: E402

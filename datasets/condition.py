@@ -11,7 +11,7 @@ The DiT (models/dit.py) takes, besides the noisy latents and the time, three con
 
 Training: encode_latent.py stores the static set (`fps_gaussians`), the anchors MotionVAE.encode sampled (the same
 FPS from the first Gaussian) and the tokens (`condition_frames`); datasets/latent_dataset.py normalises them with
-`dit_condition`. Inference: utils/animate.MotionStage samples both sets from the canonical with `fps_gaussians` and
+`dit_condition`. Inference: pipeline/animate.MotionStage samples both sets from the canonical with `fps_gaussians` and
 normalises them with `dit_condition`; inference_dpm_latent.py makes a prepared sample's tokens from
 `condition_frames`. One definition of each step is what keeps the DiT's inputs at inference those it was trained on.
 """
@@ -23,7 +23,7 @@ from typing import Mapping
 import torch
 
 from datasets import layout
-from datasets.vae_dataset import composite, load_rgba
+from utils.images import composite, load_rgba
 from utils.pointcloud import farthest_point_sample, gather_points
 
 COND_VIEW = 0          # the front view of the renders is the video (spec §1.7)

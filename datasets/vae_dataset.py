@@ -1,6 +1,6 @@
 """The VAE training dataset over sample directories (spec §1.1, §1.2): surface points with per-frame displacements,
 frame-0 voxel features, one canonical view and the deformation views, with the published image processing
-(3×3-blurred alpha, white background).
+(3×3-blurred alpha, white background; utils/images.py).
 
 Randomness comes from (seed, epoch, index), so an epoch is reproducible whatever the worker count, and resuming at a
 data position gives the same samples. An unreadable sample is skipped with a warning: the item of the next readable
@@ -14,8 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import Dataset
 
 from datasets import layout
@@ -23,36 +21,7 @@ from models.sparse import SparseVoxels
 from utils.cameras import load_blender_camera
 from utils.checkpoint import safe_load
 from utils.cli import InputError
-
-
-def load_rgba(path: Path, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """RGBA PNG -> rgb (3, H, W), alpha (1, H, W) in [0, 1], optionally resized to size x size."""
-    img = Image.open(path)
-    if img.mode != "RGBA":
-        raise ValueError(f"{path}: expected an RGBA image, got mode {img.mode}")
-    if size and img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR)
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return x[:3], x[3:]
-
-
-def composite(rgb: torch.Tensor, alpha: torch.Tensor, background: float = 1.0, blur: bool = True) -> torch.Tensor:
-    """rgb·a + background·(1 - a) with a 3×3 Gaussian blur of a ([1, 2, 1]/4 per axis, reflected borders), as published."""
-    if blur:
-        k = torch.tensor([0.25, 0.5, 0.25])
-        kernel = (k[:, None] * k[None, :])[None, None]
-        alpha = F.conv2d(F.pad(alpha[None], (1, 1, 1, 1), mode="reflect"), kernel)[0]
-    return rgb * alpha + background * (1 - alpha)
-
-
-def pool_voxels(coords: torch.Tensor, feats: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Coarsen voxel coords by an integer factor, averaging the features of merged voxels (spec §1.1, load_feature)."""
-    if factor == 1:
-        return coords, feats
-    coarse, inverse = torch.unique(torch.div(coords, factor, rounding_mode="floor"), dim=0, return_inverse=True)
-    summed = torch.zeros(len(coarse), feats.shape[1]).index_add_(0, inverse, feats)
-    counts = torch.bincount(inverse, minlength=len(coarse)).clamp_min(1)[:, None]
-    return coarse.to(coords.dtype), summed / counts
+from utils.images import composite, load_rgba, pool_voxels
 
 
 class VAEDataset(Dataset):

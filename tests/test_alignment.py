@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from utils.alignment import align_to_silhouette, rotate_z, rotation_z
+from pipeline.alignment import align_to_silhouette, rotate_z, rotation_z
 from utils.cameras import BLENDER_DEFAULT_FOV, intrinsics_from_fov, orbit_cameras, published_views
 from utils.gaussians import Gaussians
 from utils.metrics import psnr

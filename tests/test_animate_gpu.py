@@ -4,7 +4,7 @@ import torch
 
 from models.dit import DiT
 from models.motion_vae import MotionVAE
-from utils.animate import MotionStage
+from pipeline.animate import MotionStage
 from utils.config import load_config
 from utils.gaussians import Gaussians
 

@@ -18,7 +18,7 @@ import torch
 import encode_latent
 import inference_dpm_latent as inference
 import main_latent
-import utils.animate
+import pipeline.animate
 from data_rendering.synthetic_dataset import main as make_synthetic
 from datasets import layout
 from datasets.condition import CONDITION_KEYS
@@ -83,7 +83,7 @@ def inference_condition(root, data, pack, name, normalize_position_xyz, monkeypa
         caught.update(cond)
         raise _Caught
 
-    monkeypatch.setattr(utils.animate, "sample", catch)
+    monkeypatch.setattr(pipeline.animate, "sample", catch)
     with pytest.raises(_Caught):
         models.motion(canonical, tokens)
     return caught

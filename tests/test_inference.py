@@ -145,7 +145,7 @@ def test_videos_with_canonical_and_a_corrupt_one(world, capsys):
     (videos / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video")
     # The canonical of the good video: small opaque Gaussians on the object's frame-0 surface points, turned by
     # 90 degrees, which the alignment has to undo.
-    from utils.alignment import rotate_z
+    from pipeline.alignment import rotate_z
     from utils.gaussians import write_ply
     pts = torch.load(layout.static_vertices_path(data / name)) + torch.load(layout.frame_deltas_path(data / name))[0]
     n = len(pts)

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.matting import trellis_crop_box, trellis_preprocess
 from tiny_dinov2 import (IMAGE, PATCH, REGISTERS, attention_free_extractor, patch_pair, reference_prenorm,
                          save_tiny_dinov2)
 from utils.image_features import get_extractor
-from utils.matting import trellis_crop_box, trellis_preprocess
 
 COLOUR = (200, 100, 50)
 
@@ -85,7 +85,7 @@ def test_premultiply_truncates_without_resampling():
 
 
 def test_opaque_image_goes_through_threshold_matte(monkeypatch):
-    import utils.matting
+    import pipeline.matting
 
     rgba = _object()
     rgba[..., 3] = np.where(rgba[..., 3] > 0, 255, 0)         # one opaque rectangle
@@ -96,7 +96,7 @@ def test_opaque_image_goes_through_threshold_matte(monkeypatch):
     # An all-opaque alpha channel counts as no alpha (published rule): matted too.
     assert torch.equal(trellis_preprocess(np.concatenate([rgb, np.full((160, 200, 1), 255, np.uint8)], -1),
                                           matting="threshold"), expected)
-    monkeypatch.setattr(utils.matting, "rembg_problem", lambda model="u2net": "not installed")
+    monkeypatch.setattr(pipeline.matting, "rembg_problem", lambda model="u2net": "not installed")
     with pytest.warns(UserWarning, match="threshold"):
         assert torch.equal(trellis_preprocess(rgb), expected)
     with pytest.raises(ValueError, match="matting"):

@@ -6,8 +6,9 @@ import torch
 from PIL import Image
 
 from datasets import layout
-from datasets.vae_dataset import VAEDataset, collate_vae, composite
+from datasets.vae_dataset import VAEDataset, collate_vae
 from utils.cameras import BLENDER_DEFAULT_FOV, blender_camera_json, orbit_cameras
+from utils.images import composite
 
 
 def _make_sample(root, name, frames=4, views=3, points=64, res=16, seed=0):

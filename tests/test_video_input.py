@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.matting import crop_square, matte, prepare_video_frames, square_box
+from pipeline.matting import crop_square, matte, prepare_video_frames, square_box
 from utils.video import VideoReadError, is_video_input, read_frames, write_video
 
 H, W, R = 64, 96, 12  # at R = 10 the 4:2:0 chroma halo of H.264 (about 1 px) already costs 10% IoU
@@ -152,9 +152,9 @@ def test_prepare_video_frames_from_rgba_folder_is_exact(tmp_path):
 
 
 def test_prepare_video_frames_from_mp4_uses_the_threshold_and_warns(tmp_path, monkeypatch):
-    import utils.matting
+    import pipeline.matting
 
-    monkeypatch.setattr(utils.matting, "rembg_problem", lambda model="u2net": "not installed")
+    monkeypatch.setattr(pipeline.matting, "rembg_problem", lambda model="u2net": "not installed")
     mp4 = write_video(tmp_path / "disc.mp4", clip()[0], fps=12)
     with pytest.warns(UserWarning, match="threshold"):
         out = prepare_video_frames(mp4, num_frames=4, stride=3, size=32, background=0.5)

@@ -130,7 +130,7 @@ class DinoV2Extractor(ImageFeatureExtractor):
     @torch.no_grad()
     def trellis_condition(self, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
         """TRELLIS's image condition (spec §3): images (B, 3, H, W) in [0, 1], the object premultiplied on black
-        (utils.matting.trellis_preprocess) → (B, 1 + registers + g², C) float32; (B, 1374, 1024) at 518².
+        (pipeline.matting.trellis_preprocess) → (B, 1 + registers + g², C) float32; (B, 1374, 1024) at 518².
 
         All tokens in the model's own order [CLS, reg0..reg3, patches row-major], taken from x_prenorm (block N's
         output, before DINOv2's final LayerNorm) and normalised by layer_norm over channels WITHOUT affine and with

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from utils.images import composite
 from utils.video import VIDEO_SUFFIXES, is_video_input, read_frames, to_uint8
 
 BACKENDS = ("auto", "alpha", "rembg", "threshold")
@@ -234,8 +235,6 @@ def prepare_video_frames(path: str | os.PathLike, num_frames: int, start: int = 
 
     Frames start, start + stride, ...; black background by default because the training renders are (spec §10.5).
     """
-    from datasets.vae_dataset import composite
-
     path = Path(path)
     bg = background_value(background)
     if not is_video_input(path):
