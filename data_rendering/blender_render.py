@@ -49,6 +49,8 @@ from pathlib import Path
 import numpy as np
 
 from datasets.layout import camera_path, image_path, mesh_frame_path, render_metadata_path, static_marker_path
+from utils.camera_rig import (LENS_MM, POLAR_RANGE_DEG, PUBLISHED_DIRECTIONS, PUBLISHED_VIEW_NAMES, SENSOR_MM,
+                              TRAIN_RADIUS)
 
 SUPPORTED_SUFFIXES = (".glb", ".gltf", ".fbx")
 
@@ -72,17 +74,11 @@ def sample_status(out) -> str | None:
 # ----------------------------------------------------------------------------------------------- cameras
 # Conventions of utils/cameras.py: world Z up; Blender camera-to-world ``matrix_world`` has columns right, up, back
 # (the camera looks along −Z); OpenCV axes are right, down, forward.
-RADIUS = 2.0
-LENS_MM, SENSOR_MM = 50.0, 36.0
-DEFAULT_FOV = 2.0 * math.atan(0.5 * SENSOR_MM / LENS_MM)  # ≈ 0.6911 rad, 39.6°
-_S = math.sqrt(0.5)
-FIXED_VIEW_NAMES = ("front", "back", "left", "right", "front_right", "front_left", "back_left", "back_right")
-FIXED_VIEW_DIRECTIONS = np.array([(0, -1, 0), (0, 1, 0), (-1, 0, 0), (1, 0, 0),
-                                  (_S, -_S, 0), (-_S, -_S, 0), (-_S, _S, 0), (_S, _S, 0)], dtype=np.float64)
-POLAR_RANGE_DEG = (75.0, 135.0)
+# The rig itself (radius, lens, fixed views, polar range) is utils/camera_rig.py's, shared with the CPU renderer.
+FIXED_VIEW_DIRECTIONS = np.array(PUBLISHED_DIRECTIONS, dtype=np.float64)
 
 
-def view_positions(num_views: int, rng: np.random.Generator, radius: float = RADIUS) -> np.ndarray:
+def view_positions(num_views: int, rng: np.random.Generator, radius: float = TRAIN_RADIUS) -> np.ndarray:
     """Camera positions (num_views, 3) for one frame: the fixed views first, then random ones drawn from ``rng``
     (azimuth U[0, 360°) with 0 = front (0, −r, 0) and 90° = right (r, 0, 0); polar angle from +Z U[75°, 135°])."""
     fixed = FIXED_VIEW_DIRECTIONS[:num_views] * radius
@@ -218,7 +214,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the object (the published rig)")
     p.add_argument("--light-strength", type=float, default=1.0, help="scale of the light")
     p.add_argument("--seed", type=int, default=0, help="seed of the random views")
-    p.add_argument("--radius", type=float, default=RADIUS, help="camera distance")
+    p.add_argument("--radius", type=float, default=TRAIN_RADIUS, help="camera distance")
     p.add_argument("--min-frames", type=int, default=12, help="shorter animations are static")
     p.add_argument("--static-threshold", type=float, default=0.01,
                    help="mean vertex displacement (normalised units) below which an object is static")
@@ -608,7 +604,7 @@ def render(args) -> str:
             **record,
             "frames": frames, "num_frames": len(frames), "keyframe_range": [first, last],
             "frames_resampled_uniformly": resampled, "mean_displacement": motion,
-            "views": args.views, "fixed_views": list(FIXED_VIEW_NAMES[:args.views]),
+            "views": args.views, "fixed_views": list(PUBLISHED_VIEW_NAMES[:args.views]),
             "random_polar_deg": list(POLAR_RANGE_DEG), "radius": args.radius, "seed": args.seed,
             "x_fov": x_fov, "lens_mm": LENS_MM, "sensor_mm": SENSOR_MM, "resolution": args.resolution,
             **engine_info, "light": args.light, "light_strength": args.light_strength,

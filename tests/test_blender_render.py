@@ -58,7 +58,6 @@ def test_camera_record_matches_the_cameras_module():
         extrinsics, intrinsics = C.load_blender_camera(json.loads(json.dumps(record)))
         np.testing.assert_allclose(extrinsics.numpy(), ours.numpy(), atol=1e-6)
         np.testing.assert_allclose(intrinsics[0, 0].item(), 0.5 / math.tan(C.BLENDER_DEFAULT_FOV / 2), rtol=1e-6)
-    assert br.DEFAULT_FOV == pytest.approx(C.BLENDER_DEFAULT_FOV)
 
 
 def test_view_positions_fixed_then_random():

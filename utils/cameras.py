@@ -25,18 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-TRAIN_RADIUS = 2.0
-"""Camera distance of every training render (spec §1.2) and of the inference orbit (§6.3)."""
-BLENDER_DEFAULT_FOV = 2.0 * math.atan(18.0 / 50.0)
-"""x_fov in radians (≈ 0.6911, 39.6°) of Blender's default camera: 50 mm lens, 36 mm sensor. Training renders."""
+from utils.camera_rig import (BLENDER_DEFAULT_FOV, POLAR_RANGE_DEG, PUBLISHED_DIRECTIONS,  # noqa: F401 (re-exported)
+                              PUBLISHED_VIEW_NAMES, TRAIN_RADIUS)
+
 INFERENCE_FOV_DEG = 49.1
 """Field of view in degrees of the published inference / alignment cameras (spec §6.3)."""
 
-# Published fixed views (spec §1.9), unit directions in view order 0..7.
-_S = math.sqrt(0.5)
-PUBLISHED_VIEW_NAMES = ("front", "back", "left", "right", "front_right", "front_left", "back_left", "back_right")
-_PUBLISHED_DIRECTIONS = ((0.0, -1.0, 0.0), (0.0, 1.0, 0.0), (-1.0, 0.0, 0.0), (1.0, 0.0, 0.0),
-                         (_S, -_S, 0.0), (-_S, -_S, 0.0), (-_S, _S, 0.0), (_S, _S, 0.0))
 # Blender camera axes (X right, Y up, Z back) → OpenCV (X right, Y down, Z forward): negate columns 1 and 2.
 _GL_TO_CV = (1.0, -1.0, -1.0, 1.0)
 
@@ -186,10 +180,11 @@ def published_view_positions(num_views: int, radius=TRAIN_RADIUS, generator: tor
     (from +Z) U[75°, 135°], i.e. elevation 90° − polar, from ``generator`` (the global RNG when None).
     """
     dtype = dtype or torch.get_default_dtype()
-    fixed = torch.tensor(_PUBLISHED_DIRECTIONS[:num_views], dtype=torch.float64).reshape(-1, 3) * radius
-    n_random = max(num_views - len(_PUBLISHED_DIRECTIONS), 0)
+    fixed = torch.tensor(PUBLISHED_DIRECTIONS[:num_views], dtype=torch.float64).reshape(-1, 3) * radius
+    n_random = max(num_views - len(PUBLISHED_DIRECTIONS), 0)
     draws = torch.rand(n_random, 2, generator=generator, dtype=torch.float64)
-    polar = 75.0 + 60.0 * draws[:, 1]
+    lo, hi = POLAR_RANGE_DEG
+    polar = lo + (hi - lo) * draws[:, 1]
     random = orbit_position(360.0 * draws[:, 0], 90.0 - polar, torch.tensor(float(radius), dtype=torch.float64))
     return torch.cat([fixed, random]).to(dtype)
 
