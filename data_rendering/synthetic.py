@@ -966,9 +966,10 @@ def make_object(seed: int, num_frames: int = 24, *, shape: str | None = None, mo
 
 
 if __name__ == "__main__":  # `python -m data_rendering.synthetic --out data/synth --num 200` writes a whole dataset
-    import sys
+    # Run data_rendering/synthetic_dataset.py as the program, exactly as `python -m data_rendering.synthetic_dataset`
+    # (same arguments and exit status). runpy, not an import, keeps the dependency one-way: synthetic_dataset imports
+    # this module, never the reverse. alter_sys=True makes it the real __main__ module, which the spawned --workers
+    # processes need to find its functions.
+    import runpy
 
-    from data_rendering.synthetic_dataset import main
-    from utils import cli
-
-    sys.exit(cli.run(main))
+    runpy.run_module("data_rendering.synthetic_dataset", run_name="__main__", alter_sys=True)

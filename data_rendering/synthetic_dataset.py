@@ -26,6 +26,7 @@ from PIL import Image
 from data_rendering.mesh import MeshSequence
 from data_rendering.prepare_vae_data import prepare_sample
 from data_rendering.rasterizer import render_mesh
+from data_rendering.synthetic import make_object
 from datasets import layout
 from utils import cli
 from utils.logging import report_failures
@@ -90,8 +91,6 @@ def write_sample(seq: MeshSequence, final: Path, meta: dict, args, seed: int, ov
 
 def write_object(out: Path, index: int, args) -> str:
     """One complete sample directory `obj_XXXXX`; skipped when it already exists (resume)."""
-    from data_rendering.synthetic import make_object
-
     name = f"obj_{index:05d}"
     final = out / name
     if final.exists():

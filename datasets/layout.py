@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
@@ -213,13 +212,13 @@ def has_renders(sample_root) -> bool:
     return (Path(sample_root) / "imgs").is_dir()
 
 
-def count_renders(sample_root, *, data_root=None) -> tuple[int, int]:
-    """(frames, views) a sample's renders cover from the start: frames of view 0 and views of frame 0 that exist
-    in sequence (0, 1, 2, ... until the first missing one); confined as image_path is."""
+def count_renders(sample_root, *, timestep: int = 0, data_root=None) -> tuple[int, int]:
+    """(frames, views) a sample's renders cover from the start: frames of view 0, and views of frame `timestep`,
+    that exist in sequence (0, 1, 2, ... until the first missing one); confined as image_path is."""
     frames = views = 0
     while image_path(sample_root, frames, 0, data_root=data_root).is_file():
         frames += 1
-    while image_path(sample_root, 0, views, data_root=data_root).is_file():
+    while image_path(sample_root, timestep, views, data_root=data_root).is_file():
         views += 1
     return frames, views
 
@@ -296,49 +295,6 @@ def cond_features_dir(data_root, extractor: str = DEFAULT_EXTRACTOR) -> Path:
 def cond_features_path(data_root, name: str, extractor: str = DEFAULT_EXTRACTOR) -> Path:
     path = _check_name(cond_features_dir(data_root, extractor), name)
     return confine(path.with_name(path.name + ".npz"), data_root)
-
-
-@dataclass(frozen=True)
-class SampleDir:
-    """One object of a dataset: ``data_root`` plus the name from the list file (validated on construction)."""
-    data_root: Path
-    name: str
-
-    def __post_init__(self):
-        object.__setattr__(self, "data_root", Path(self.data_root))
-        resolve_sample(self.data_root, self.name)
-
-    @property
-    def root(self) -> Path:
-        return resolve_sample(self.data_root, self.name)
-
-    @property
-    def _folder(self) -> Path:  # the name was checked on construction; each file below is confined to the data root
-        return self.data_root / self.name
-
-    def image(self, timestep: int, view: int) -> Path:
-        return image_path(self._folder, timestep, view, data_root=self.data_root)
-
-    def camera(self, timestep: int, view: int) -> Path:
-        return camera_path(self._folder, timestep, view, data_root=self.data_root)
-
-    @property
-    def static_vertices(self) -> Path:
-        return static_vertices_path(self._folder, data_root=self.data_root)
-
-    @property
-    def frame_deltas(self) -> Path:
-        return frame_deltas_path(self._folder, data_root=self.data_root)
-
-    def voxel_features(self, timestep: int = 0, extractor: str = DEFAULT_EXTRACTOR) -> Path:
-        return voxel_features_path(self._folder, timestep, extractor, data_root=self.data_root)
-
-    @property
-    def latent(self) -> Path:
-        return latent_path(self.data_root, self.name)
-
-    def cond_features(self, extractor: str = DEFAULT_EXTRACTOR) -> Path:
-        return cond_features_path(self.data_root, self.name, extractor)
 
 
 # ----------------------------------------------------------------------------------------------- npz I/O

@@ -10,19 +10,20 @@ from datasets import layout as L
 
 
 def test_published_names(tmp_path):
-    s = L.SampleDir(tmp_path, "uid123")
     root = tmp_path / "uid123"
-    assert s.root == root
-    assert s.image(3, 12) == root / "imgs" / "timestep_03_view_12.png"
-    assert s.camera(0, 7) == root / "meta_data" / "timestep_00_view_07.json"
-    assert s.static_vertices == root / "objs/mesh_data/static_frame_vertices.pt"
-    assert s.frame_deltas == root / "objs/mesh_data/moving_frame_deltas.pt"
-    assert s.voxel_features() == root / "features_all_timesteps/0/dinov2_vitl14_reg.npz"
-    assert s.voxel_features(5, "patch") == root / "features_all_timesteps/5/patch.npz"
-    assert s.latent == tmp_path / "latents/uid123/deformation_latent.pt"
+    assert L.resolve_sample(tmp_path, "uid123") == root
+    for data_root in (None, tmp_path):  # confined to the sample folder, or to the data root
+        kw = dict(data_root=data_root)
+        assert L.image_path(root, 3, 12, **kw) == root / "imgs" / "timestep_03_view_12.png"
+        assert L.camera_path(root, 0, 7, **kw) == root / "meta_data" / "timestep_00_view_07.json"
+        assert L.static_vertices_path(root, **kw) == root / "objs/mesh_data/static_frame_vertices.pt"
+        assert L.frame_deltas_path(root, **kw) == root / "objs/mesh_data/moving_frame_deltas.pt"
+        assert L.voxel_features_path(root, **kw) == root / "features_all_timesteps/0/dinov2_vitl14_reg.npz"
+        assert L.voxel_features_path(root, 5, "patch", **kw) == root / "features_all_timesteps/5/patch.npz"
+    assert L.latent_path(tmp_path, "uid123") == tmp_path / "latents/uid123/deformation_latent.pt"
     # DINOv2 keeps the published folder name; other extractors get their own folder.
-    assert s.cond_features() == tmp_path / "dinov2_cond_features/uid123.npz"
-    assert s.cond_features("patch") == tmp_path / "patch_cond_features/uid123.npz"
+    assert L.cond_features_path(tmp_path, "uid123") == tmp_path / "dinov2_cond_features/uid123.npz"
+    assert L.cond_features_path(tmp_path, "uid123", "patch") == tmp_path / "patch_cond_features/uid123.npz"
     assert L.image_path(root, 100, 2).name == "timestep_100_view_02.png"
 
 
@@ -31,8 +32,9 @@ def test_published_names(tmp_path):
 def test_resolve_sample_rejects_escapes(tmp_path, name):
     with pytest.raises(ValueError):
         L.resolve_sample(tmp_path, name)
-    with pytest.raises(ValueError):
-        L.SampleDir(tmp_path, name)
+    for build in (lambda: L.latent_path(tmp_path, name), lambda: L.cond_features_path(tmp_path, name)):
+        with pytest.raises(ValueError):
+            build()
 
 
 def test_resolve_sample_accepts_relative(tmp_path):
@@ -203,9 +205,9 @@ def test_a_file_symlink_leading_outside_is_refused_by_the_reader(tmp_path, confi
     # The sample-folder helpers without a data root confine to the sample folder.
     with pytest.raises(InputError, match="outside the sample folder"):
         L.image_path(root / "a", 0, 0)
-    assert L.SampleDir(root, "a").camera(0, 0) == L.camera_path(root / "a", 0, 0)
-    with pytest.raises(InputError):
-        L.SampleDir(root, "a").image(0, 0)
+    assert L.camera_path(root / "a", 0, 0, data_root=root) == L.camera_path(root / "a", 0, 0)
+    with pytest.raises(InputError, match="outside the data root"):
+        L.image_path(root / "a", 0, 0, data_root=root)
     # The opt-out follows it.
     L.allow_symlinks(True)
     assert make().load(0)["views"]["image"].shape[0] == 4
@@ -220,7 +222,7 @@ def test_a_latents_folder_leading_outside_is_refused(tmp_path, confined):
     (root / "latents").symlink_to(outside)
     (root / "dinov2_cond_features").symlink_to(outside)
     for build in (lambda: L.latent_path(root, "x"), lambda: L.cond_features_path(root, "x"),
-                  lambda: L.latents_dir(root), lambda: L.SampleDir(root, "x").latent):
+                  lambda: L.latents_dir(root)):
         with pytest.raises(InputError, match=r"outside the data root .*--allow-symlinks"):
             build()
     (root / "inside").mkdir()

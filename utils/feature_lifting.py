@@ -156,10 +156,3 @@ def lift_features(feature_maps: torch.Tensor, extrinsics: torch.Tensor, intrinsi
         feats[s:s + voxel_chunk] = (acc / n_views.clamp(min=1)).t()
         counts[s:s + voxel_chunk] = n_views
     return (feats, counts) if return_counts else feats
-
-
-def lift_mesh_features(vertices, faces, feature_maps, extrinsics, intrinsics, resolution: int = 64, **chunks):
-    """Voxelise a mesh and lift the views' feature maps onto its voxels (the render-free part of spec §1.4).
-    Returns (indices (N, 3) long, feats (N, C) float32); ``chunks`` go to :func:`lift_features`."""
-    indices = voxelize_mesh(vertices, faces, resolution).to(feature_maps.device)
-    return indices, lift_features(feature_maps, extrinsics, intrinsics, indices, resolution, **chunks)
