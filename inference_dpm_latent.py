@@ -25,6 +25,7 @@ Inputs are sharded over processes; a failing input is reported by name at the en
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -43,6 +44,7 @@ from datasets.condition import COND_BACKGROUND, COND_VIEW, condition_frames
 from datasets.latent_dataset import load_latent_stats
 from datasets.vae_dataset import VAEDataset
 from models.dit import DiT
+from models.dpm_solver import SamplerConfig
 from models.motion_vae import MotionVAE
 from models.sparse import SparseVoxels
 from models.static_vae import StaticVAE
@@ -159,10 +161,10 @@ def load_models(args, device) -> Models:
     if paths["static_vae"] is not None:
         static_vae = _build(StaticVAE.from_config, paths["static_vae"], vae_cfg.static_vae.to_dict()).to(device).eval()
     dtype = torch.bfloat16 if args.precision == "bf16" and device.type == "cuda" else torch.float32
-    sampling = cfg.sampling.to_dict()
-    for key in ("steps", "method", "guidance_scale", "guidance_scale2"):
-        if getattr(args, key) is not None:
-            sampling[key] = getattr(args, key)
+    # The solver flags (--steps, --method, --guidance-scale, --guidance-scale2) share SamplerConfig's field names.
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplerConfig)
+             if getattr(args, f.name, None) is not None}
+    sampling = dataclasses.replace(SamplerConfig.from_config(cfg.sampling), **flags)
     stage = MotionStage(dit, motion_vae, load_latent_stats(paths["stats"]), sampling, cfg.data.num_static_cond,
                         cfg.data.normalize_position_xyz, dtype, compile=args.compile)
     return Models(stage, static_vae, cfg, get_extractor(cfg.data.image_encoder, device=device), vae_cfg.data.image_encoder)
@@ -434,8 +436,7 @@ def held_out_views(job: Job, num_frames: int, device) -> list[tuple[torch.Tensor
     white, extrinsics (V, 4, 4), intrinsics (V, 3, 3). Read once, scored against any number of animations."""
     out = []
     for i in range(num_frames):
-        views = sorted(int(p.stem.split("_view_")[1]) for p in job.path.glob(f"imgs/timestep_{i:02d}_view_*.png"))
-        held_out = [v for v in views if v != COND_VIEW]
+        held_out = [v for v in range(layout.count_renders(job.path, timestep=i)[1]) if v != COND_VIEW]
         if not held_out:
             raise ValueError(f"{job.path}: frame {i} has no view other than the conditioning view")
         gts, exts, ks = [], [], []

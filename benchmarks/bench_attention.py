@@ -11,15 +11,12 @@ form (models.attention.low_rank_cross_attention: every head's queries against th
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-from models.attention_kernel import fused_attention  # noqa: E402
-from timing import measure  # noqa: E402
+from models.attention_kernel import fused_attention
+from timing import measure
 
 SHAPES = {  # name: (batch, queries, keys, heads, head width)
     "spatial T32": (32, 512, 512, 16, 32), "temporal T32": (512, 32, 32, 16, 32),

@@ -8,6 +8,7 @@ rendering every frame at 512² (one orbit view per frame).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -16,15 +17,15 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
-from bench_models import randomise  # noqa: E402
-from models.dit import DiT  # noqa: E402
-from models.motion_vae import MotionVAE  # noqa: E402
-from pipeline.animate import MotionStage  # noqa: E402
-from utils.cameras import orbit_cameras  # noqa: E402
-from utils.config import load_config  # noqa: E402
-from utils.gaussians import Gaussians  # noqa: E402
-from utils.render import rasterize  # noqa: E402
+from bench_models import randomise
+from models.dit import DiT
+from models.dpm_solver import SamplerConfig
+from models.motion_vae import MotionVAE
+from pipeline.animate import MotionStage
+from utils.cameras import orbit_cameras
+from utils.config import load_config
+from utils.gaussians import Gaussians
+from utils.render import rasterize
 
 
 def canonical_shell(n: int, device) -> Gaussians:
@@ -52,7 +53,8 @@ def main(argv=None) -> int:
     dit, vae = randomise(DiT(**cfg.model)).to(device), randomise(MotionVAE(**cfg.motion_vae)).to(device)
     stats = {"deformation_mean": torch.zeros(16), "deformation_std": torch.ones(16) * 0.1,
              "static_mean": torch.zeros(14), "static_std": torch.ones(14)}
-    stage = MotionStage(dit, vae, stats, {**cfg.sampling.to_dict(), "method": "multistep", "steps": args.steps},
+    sampling = dataclasses.replace(SamplerConfig.from_config(cfg.sampling), method="multistep", steps=args.steps)
+    stage = MotionStage(dit, vae, stats, sampling,
                         cfg.data.num_static_cond, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32,
                         compile=args.compile)
     canonical = canonical_shell(args.gaussians, device)

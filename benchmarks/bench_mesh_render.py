@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_rendering.rasterizer import render_mesh, silhouette  # noqa: E402
-from utils.cameras import published_views  # noqa: E402
+from data_rendering.rasterizer import render_mesh, silhouette
+from utils.cameras import published_views
 
 DATASET_IMAGES = 200 * 24 * 16
 

@@ -6,18 +6,16 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-from models.dit import DiT  # noqa: E402
-from models.motion_vae import MotionVAE  # noqa: E402
-from models.sparse import SparseVoxels  # noqa: E402
-from models.static_vae import StaticVAE  # noqa: E402
-from timing import measure  # noqa: E402
-from utils.config import load_config  # noqa: E402
+from models.dit import DiT
+from models.motion_vae import MotionVAE
+from models.sparse import SparseVoxels
+from models.static_vae import StaticVAE
+from timing import measure
+from utils.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,22 +11,11 @@ from pathlib import Path
 
 import torch
 
-from timing import measure
+from timing import measure, tests_module
 from utils.cameras import turntable
 from utils.render import rasterize
 
-
-def _random_scene():
-    """The tests' scene generator (tests/ is not a package: load the file itself)."""
-    import importlib.util
-    path = Path(__file__).resolve().parents[1] / "tests" / "render_reference.py"
-    spec = importlib.util.spec_from_file_location("render_reference", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.random_scene
-
-
-random_scene = _random_scene()
+random_scene = tests_module("render_reference").random_scene
 
 PARAMS = ["xyz", "f_dc", "opacity_logit", "scale_pre", "quat"]
 

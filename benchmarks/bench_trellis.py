@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,18 +20,18 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "tests")]
-from bench_models import randomise, shell_voxels  # noqa: E402
-from models.sparse import SparseVoxels  # noqa: E402
-from models.static_vae import StaticVAE  # noqa: E402
-from models.trellis.image_to_3d import ImageTo3D  # noqa: E402
-from models.trellis.slat_flow import SLatFlowModel  # noqa: E402
-from models.trellis.sparse_conv import SparseConv3d, neighbour_map  # noqa: E402
-from models.trellis.ss_decoder import SparseStructureDecoder  # noqa: E402
-from models.trellis.ss_flow import SparseStructureFlowModel  # noqa: E402
-from reference import load_manifest  # noqa: E402
-from timing import measure  # noqa: E402
-from utils.config import load_config  # noqa: E402
+from bench_models import randomise, shell_voxels
+from models.sparse import SparseVoxels
+from models.static_vae import StaticVAE
+from models.trellis.image_to_3d import ImageTo3D
+from models.trellis.slat_flow import SLatFlowModel
+from models.trellis.sparse_conv import SparseConv3d, neighbour_map
+from models.trellis.ss_decoder import SparseStructureDecoder
+from models.trellis.ss_flow import SparseStructureFlowModel
+from timing import measure, tests_module
+from utils.config import load_config
+
+load_manifest = tests_module("reference").load_manifest
 
 RELEASED = {SparseStructureFlowModel: "trellis_ss_flow_img_dit_L_16l8_fp16",
             SparseStructureDecoder: "trellis_ss_dec_conv3d_16l8_fp16",

@@ -1,10 +1,22 @@
-"""Timing shared by the benchmarks: median wall time per call with device synchronisation, and peak GPU memory."""
+"""Shared by the benchmarks: median wall time per call with device synchronisation, peak GPU memory, and the tests'
+reference helpers (tests/ is not a package)."""
 from __future__ import annotations
 
+import importlib.util
 import statistics
 import time
+from pathlib import Path
 
 import torch
+
+
+def tests_module(name: str):
+    """tests/<name>.py loaded from its file (the brute-force references the benchmarks compare against)."""
+    path = Path(__file__).resolve().parents[1] / "tests" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def measure(fn, repeats: int, device: torch.device, warmup: int = 2) -> tuple[float, float]:

@@ -9,12 +9,15 @@ Continuous time t in (0, 1] indexes the 1000-step discrete schedule the way the 
 The v output becomes eps = alpha v + sigma x, classifier-free guidance combines eps (spec §5.4), and the solver
 steps on x0 = (x - sigma eps) / alpha. Everything runs in the dtype of the schedule and of x_T.
 
-Entry point: `sample(model, x_T, cond, ...) -> (x, stats)`; `model(x, t_in, **cond) -> v` with x (B, T, N, C).
+Entry point: `sample(model, x_T, cond, SamplerConfig(...)) -> (x, stats)`; `model(x, t_in, **cond) -> v` with
+x (B, T, N, C).
+All solver options live in the frozen `SamplerConfig` (from a `sampling:` block: `SamplerConfig.from_config`).
 """
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -240,59 +243,107 @@ class DPMSolverPP:
 
 
 METHODS = ("multistep", "adaptive", "ddim")
+SKIP_TYPES = ("time_uniform", "logSNR")
+SAMPLING_BLOCK_OTHER_KEYS = frozenset({"num_frames", "seed", "fov_deg", "radius", "elevation_deg", "resolution",
+                                       "background"})
+"""Keys of a config's `sampling:` block that belong to the rest of inference (frames, seed, output cameras), not to
+the solver: `SamplerConfig.from_config` skips them and refuses any other key that is not a SamplerConfig field."""
 
 
-def sample(model: Callable[..., Tensor], x_T: Tensor, cond: Mapping | None = None, *, steps: int = 20,
-           method: str = "multistep", order: int = 2, skip_type: str = "time_uniform",
-           lower_order_final: bool = True, guidance_scale: float = 1.0, guidance_scale2: float = 1.0,
-           t_start: float = 1.0, t_end: float = 1e-3, atol: float = 0.0078, rtol: float = 0.05,
-           h_init: float = 0.05, theta: float = 0.9, t_err: float = 1e-5,
-           schedule: DiscreteVPSchedule | None = None, return_intermediates: bool = False) -> tuple[Tensor, dict]:
-    """Solve the probability-flow ODE from x_T at t_start to t_end with a v-prediction model.
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Every option of `sample`, with the published defaults (DPM-Solver++ over the discrete cosine schedule), checked
+    once on construction. Build from a `sampling:` config block with `from_config`; override per call with
+    `dataclasses.replace(config, steps=..., method=...)` (which re-checks)."""
+    steps: int = 20                   # multistep / ddim: model evaluations; ignored by adaptive
+    method: str = "multistep"         # one of METHODS
+    order: int = 2                    # multistep: 1 or 2; adaptive: 2 (DPM-Solver-12)
+    skip_type: str = "time_uniform"   # time grid of multistep / ddim: one of SKIP_TYPES
+    lower_order_final: bool = True    # multistep with steps < 10: drop the order on the last steps (upstream)
+    guidance_scale: float = 1.0       # CFG s1, s2 (spec §5.4); 1, 1 = a single conditional pass
+    guidance_scale2: float = 1.0
+    t_start: float = 1.0              # 0 < t_end < t_start <= 1
+    t_end: float = 1e-3
+    atol: float = 0.0078              # adaptive error control (spec §6.4 step 5)
+    rtol: float = 0.05
+    h_init: float = 0.05
+    theta: float = 0.9
+    t_err: float = 1e-5
+    algorithm_type: str = "dpmsolver++"   # the only one implemented (data prediction)
+
+    def __post_init__(self):
+        if self.algorithm_type != "dpmsolver++":
+            raise ValueError(f"algorithm_type: only 'dpmsolver++' is supported, got {self.algorithm_type!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
+        if self.method == "multistep" and self.order not in (1, 2):
+            raise ValueError(f"order: multistep supports 1 or 2, got {self.order!r}")
+        if self.method == "adaptive" and self.order != 2:
+            raise ValueError(f"order: the adaptive solver is DPM-Solver-12 (order 2), got {self.order!r}")
+        if self.method != "adaptive" and (not isinstance(self.steps, int) or isinstance(self.steps, bool)
+                                          or self.steps < max(self.order, 1)):
+            raise ValueError(f"steps: expected an integer >= order ({self.order}), got {self.steps!r}")
+        if self.skip_type not in SKIP_TYPES:
+            raise ValueError(f"skip_type: expected 'time_uniform' or 'logSNR', got {self.skip_type!r}")
+        if not isinstance(self.lower_order_final, bool):
+            raise ValueError(f"lower_order_final: expected a bool, got {self.lower_order_final!r}")
+        for name in ("guidance_scale", "guidance_scale2", "t_start", "t_end", "atol", "rtol", "h_init", "theta",
+                     "t_err"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name}: expected a number, got {value!r}")
+        if not 0.0 < self.t_end < self.t_start <= 1.0:
+            raise ValueError(f"expected 0 < t_end < t_start <= 1, got t_start={self.t_start}, t_end={self.t_end}")
+        for name in ("atol", "rtol", "h_init", "theta", "t_err"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: expected > 0, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_config(cls, cfg: Mapping, ignore: Iterable[str] = SAMPLING_BLOCK_OTHER_KEYS) -> SamplerConfig:
+        """The solver options of a `sampling:` config block (a Mapping or a Config with to_dict). Keys in `ignore`
+        (by default the block's non-solver keys) are skipped; any other key that is not a field is refused."""
+        if hasattr(cfg, "to_dict"):
+            cfg = cfg.to_dict()
+        names, ignore = {f.name for f in fields(cls)}, set(ignore)
+        unknown = sorted(k for k in cfg if k not in names and k not in ignore)
+        if unknown:
+            raise ValueError(f"sampling: unknown key(s) {', '.join(map(repr, unknown))}; solver options are "
+                             f"{', '.join(sorted(names))}")
+        return cls(**{k: v for k, v in cfg.items() if k in names})
+
+
+def sample(model: Callable[..., Tensor], x_T: Tensor, cond: Mapping | None = None,
+           config: SamplerConfig = SamplerConfig(), *, schedule: DiscreteVPSchedule | None = None,
+           return_intermediates: bool = False) -> tuple[Tensor, dict]:
+    """Solve the probability-flow ODE from x_T at config.t_start to config.t_end with a v-prediction model.
 
     model(x, t_in, **cond) -> v, x (B, ...), t_in float (B,) in the model's 0..999 time units.
-    method: 'multistep' (DPM-Solver++ order 1 or 2, `steps` model calls), 'adaptive' (DPM-Solver-12 with error
+    config.method: 'multistep' (DPM-Solver++ order 1 or 2, `steps` model calls), 'adaptive' (DPM-Solver-12 with error
     control, order 2 only, `steps` ignored) or 'ddim' (eta = 0 baseline, `steps` calls).
     Returns (x at t_end, stats): stats['nfe'] = model calls (a batched CFG call counts once), stats['t_calls'] =
     float (nfe,) model times of the calls, stats['intermediates'] = (steps + 1, *x.shape) for multistep if asked.
     """
-    if method not in METHODS:
-        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
-    if method == "multistep" and order not in (1, 2):
-        raise ValueError(f"order: multistep supports 1 or 2, got {order!r}")
-    if method == "adaptive" and order != 2:
-        raise ValueError(f"order: the adaptive solver is DPM-Solver-12 (order 2), got {order!r}")
-    if method != "adaptive" and (not isinstance(steps, int) or steps < max(order, 1)):
-        raise ValueError(f"steps: expected an integer >= order ({order}), got {steps!r}")
-    if not 0.0 < t_end < t_start <= 1.0:
-        raise ValueError(f"expected 0 < t_end < t_start <= 1, got t_start={t_start}, t_end={t_end}")
-    if return_intermediates and method != "multistep":
+    if not isinstance(config, SamplerConfig):
+        raise TypeError(f"config: expected a SamplerConfig (SamplerConfig.from_config for a mapping), "
+                        f"got {type(config).__name__}")
+    c = config
+    if return_intermediates and c.method != "multistep":
         raise ValueError("return_intermediates is available for method='multistep' only")
 
     ns = schedule if schedule is not None else cosine_schedule()
-    data_fn = GuidedDataPredictor(model, ns, cond, guidance_scale, guidance_scale2)
+    data_fn = GuidedDataPredictor(model, ns, cond, c.guidance_scale, c.guidance_scale2)
     solver = DPMSolverPP(ns)
     trace: list | None = [] if return_intermediates else None
     with torch.no_grad():
-        if method == "multistep":
-            x = solver.multistep(data_fn, x_T, steps, order, t_start, t_end, skip_type, lower_order_final, trace)
-        elif method == "adaptive":
-            x = solver.adaptive(data_fn, x_T, t_start, t_end, h_init, atol, rtol, theta, t_err)
+        if c.method == "multistep":
+            x = solver.multistep(data_fn, x_T, c.steps, c.order, c.t_start, c.t_end, c.skip_type,
+                                 c.lower_order_final, trace)
+        elif c.method == "adaptive":
+            x = solver.adaptive(data_fn, x_T, c.t_start, c.t_end, c.h_init, c.atol, c.rtol, c.theta, c.t_err)
         else:
-            x = solver.ddim(data_fn, x_T, steps, t_start, t_end, skip_type)
+            x = solver.ddim(data_fn, x_T, c.steps, c.t_start, c.t_end, c.skip_type)
     stats = {"nfe": data_fn.nfe, "t_calls": torch.stack(data_fn.t_calls), "passes_per_call": data_fn.n_passes}
     if trace is not None:
         stats["intermediates"] = torch.stack(trace)
     return x, stats
 
-
-_CONFIG_KEYS = ("steps", "method", "order", "skip_type", "lower_order_final", "guidance_scale", "guidance_scale2",
-                "t_start", "t_end", "atol", "rtol", "h_init", "theta", "t_err")
-
-
-def sample_kwargs(cfg: Mapping) -> dict:
-    """The `sample` keyword arguments in a `sampling` config block (other keys, e.g. cameras, are skipped)."""
-    algo = cfg.get("algorithm_type", "dpmsolver++")
-    if algo != "dpmsolver++":
-        raise ValueError(f"sampling.algorithm_type: only 'dpmsolver++' is supported, got {algo!r}")
-    return {k: cfg[k] for k in _CONFIG_KEYS if k in cfg}

@@ -1,6 +1,6 @@
 """The motion stage of inference (spec §6.4 steps 3-6): canonical Gaussians + per-frame image tokens -> Δ per frame.
 
-    motion = MotionStage(dit, motion_vae, stats, sampling=cfg.sampling, num_static_cond=4096)
+    motion = MotionStage(dit, motion_vae, stats, sampling=cfg.sampling, num_static_cond=4096)  # or a SamplerConfig
     result = motion(canonical, tokens, seed=0)            # tokens (T, L, C); result.delta (T, N, 14), result.nfe
 
 Conditions as in training, by the same functions (datasets/condition.py): the num_latents FPS anchors of the canonical
@@ -10,6 +10,7 @@ de-normalised and decoded by the motion VAE against every canonical Gaussian. No
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -17,7 +18,7 @@ from typing import Mapping
 import torch
 
 from datasets.condition import dit_condition, fps_gaussians
-from models.dpm_solver import sample, sample_kwargs
+from models.dpm_solver import SamplerConfig, sample
 from utils.gaussians import Gaussians
 
 
@@ -35,7 +36,7 @@ def _sync(device: torch.device) -> None:
 
 
 class MotionStage:
-    def __init__(self, dit, motion_vae, stats: Mapping[str, torch.Tensor], sampling: Mapping,
+    def __init__(self, dit, motion_vae, stats: Mapping[str, torch.Tensor], sampling: SamplerConfig | Mapping,
                  num_static_cond: int, normalize_position_xyz: bool = True, dtype: torch.dtype = torch.float32,
                  compile: bool = False):
         self.dit, self.motion_vae = dit.eval(), motion_vae.eval()
@@ -45,7 +46,8 @@ class MotionStage:
         self.model_fn = torch.compile(self.dit, mode="reduce-overhead") if compile else self.dit
         self.device = next(dit.parameters()).device
         self.stats = {k: v.to(self.device, torch.float32) for k, v in stats.items()}
-        self.sampling = sample_kwargs(sampling)
+        # A `sampling:` config block (its non-solver keys skipped) or a ready SamplerConfig.
+        self.sampling = sampling if isinstance(sampling, SamplerConfig) else SamplerConfig.from_config(sampling)
         self.num_static_cond, self.normalize_position_xyz, self.dtype = num_static_cond, normalize_position_xyz, dtype
 
     def condition(self, cond: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -63,8 +65,9 @@ class MotionStage:
 
     @torch.no_grad()
     def __call__(self, canonical: Gaussians, tokens: torch.Tensor, seed: int = 0, **overrides) -> MotionResult:
-        """Animate `canonical` (N Gaussians) to the T frames of `tokens` (T, L, C). `overrides` replace sampling
-        options (steps, method, guidance_scale, ...)."""
+        """Animate `canonical` (N Gaussians) to the T frames of `tokens` (T, L, C). `overrides` replace SamplerConfig
+        fields for this call (steps, method, guidance_scale, ...) and are checked as such."""
+        config = dataclasses.replace(self.sampling, **overrides) if overrides else self.sampling
         dev, seconds = self.device, {}
         _sync(dev)
         t0 = time.perf_counter()
@@ -78,7 +81,7 @@ class MotionStage:
 
         t0 = time.perf_counter()
         with torch.autocast(dev.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            x0, info = sample(self.model_fn, x_T, cond, **{**self.sampling, **overrides})
+            x0, info = sample(self.model_fn, x_T, cond, config)
         latents = x0.float() * self.stats["deformation_std"] + self.stats["deformation_mean"]
         _sync(dev)
         seconds["sampling"] = time.perf_counter() - t0

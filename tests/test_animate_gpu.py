@@ -1,8 +1,11 @@
 """The motion stage with the DiT compiled into CUDA graphs gives the eager motion stage's result, on a CUDA GPU."""
+import dataclasses
+
 import pytest
 import torch
 
 from models.dit import DiT
+from models.dpm_solver import SamplerConfig
 from models.motion_vae import MotionVAE
 from pipeline.animate import MotionStage
 from utils.config import load_config
@@ -26,7 +29,7 @@ def test_compiled_motion_stage_matches_eager():
     canonical = Gaussians(torch.rand(n, 3) - 0.5, torch.rand(n, 3), torch.zeros(n, 1), torch.full((n, 3), -4.5),
                           torch.randn(n, 4)).to("cuda")
     tokens = torch.randn(8, 37, cfg.model.image_cond_channels, device="cuda")
-    sampling = {**cfg.sampling.to_dict(), "method": "multistep", "steps": 6}
+    sampling = dataclasses.replace(SamplerConfig.from_config(cfg.sampling), method="multistep", steps=6)
     stage = lambda compile: MotionStage(dit, vae, stats, sampling, cfg.data.num_static_cond, compile=compile)
     want = stage(False)(canonical, tokens, seed=3)
     got = stage(True)(canonical, tokens, seed=3)

@@ -79,7 +79,7 @@ def inference_condition(root, data, pack, name, normalize_position_xyz, monkeypa
                                                       device)
     caught = {}
 
-    def catch(model_fn, x_T, cond, **kwargs):
+    def catch(model_fn, x_T, cond, config, **kwargs):
         caught.update(cond)
         raise _Caught
 

@@ -7,7 +7,9 @@ import torch
 import yaml
 from reference import load_golden, rel_err
 
-from models.dpm_solver import GuidedDataPredictor, cosine_schedule, sample, sample_kwargs
+import dataclasses
+
+from models.dpm_solver import GuidedDataPredictor, SamplerConfig, cosine_schedule, sample
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -44,10 +46,12 @@ def golden_cond(g):
 def test_golden_runs(golden, run):
     g, meta = golden
     tol, cfg, solver = meta["tolerance"]["tol"], meta["config"]["runs"][run], meta["config"]["solver"]
-    x, stats = sample(golden_model(g["in.W"], g["in.u"]), g["in.x_T"], golden_cond(g), steps=cfg["steps"],
-                      method=cfg["method"], order=solver["order"], skip_type=solver["skip_type"],
-                      t_start=solver["t_start"], t_end=solver["t_end"], guidance_scale=cfg["guidance_scale"],
-                      guidance_scale2=cfg["guidance_scale2"], return_intermediates=cfg["method"] == "multistep")
+    config = SamplerConfig(steps=cfg["steps"], method=cfg["method"], order=solver["order"],
+                           skip_type=solver["skip_type"], t_start=solver["t_start"], t_end=solver["t_end"],
+                           guidance_scale=cfg["guidance_scale"], guidance_scale2=cfg["guidance_scale2"],
+                           algorithm_type=solver["algorithm_type"])
+    x, stats = sample(golden_model(g["in.W"], g["in.u"]), g["in.x_T"], golden_cond(g), config,
+                      return_intermediates=cfg["method"] == "multistep")
     assert stats["nfe"] == int(g[f"{run}.out.nfe"])
     assert stats["t_calls"].shape == g[f"{run}.out.t_calls"].shape
     assert rel_err(stats["t_calls"], g[f"{run}.out.t_calls"]) <= tol
@@ -114,7 +118,7 @@ def test_gaussian_mean_and_variance_in_20_steps():
     (S = 0.1, 0.3: variance off by ~40% at 20 steps, ~10% and 2% at 100 steps)."""
     n = 20_000
     x_T = gaussian_noise(n, seed=0)
-    x, stats = sample(gaussian_v_model, x_T, {}, steps=20, skip_type="logSNR")
+    x, stats = sample(gaussian_v_model, x_T, {}, SamplerConfig(steps=20, skip_type="logSNR"))
     assert stats["nfe"] == 20
     a_e, s_e = _coefs(torch.tensor([1e-3]))
     mean_e, var_e = a_e * MU, a_e ** 2 * S ** 2 + s_e ** 2  # the data marginal at t_end (a_e = 0.99998)
@@ -132,8 +136,8 @@ def test_multistep_converges_at_second_order():
     # On the logSNR grid the DPM-Solver++(2M) error shrinks ~4x per doubling of steps (a first-order solver: 2x).
     x_T = gaussian_noise(4000, seed=2)
     ref = exact_flow(x_T)
-    errs = [(sample(gaussian_v_model, x_T, {}, steps=n, skip_type="logSNR")[0].double() - ref).abs().max().item()
-            for n in (25, 50, 100)]
+    errs = [(sample(gaussian_v_model, x_T, {}, SamplerConfig(steps=n, skip_type="logSNR"))[0].double() - ref)
+            .abs().max().item() for n in (25, 50, 100)]
     assert errs[0] / errs[1] > 3.2 and errs[1] / errs[2] > 3.2, errs
 
 
@@ -142,8 +146,9 @@ def test_adaptive_beats_ddim_100_with_fewer_evaluations():
     analytic flow) with fewer than 100 model evaluations, once its tolerance is set for that error."""
     x_T = gaussian_noise(4000, seed=3)
     ref = exact_flow(x_T)
-    x_ddim, st_ddim = sample(gaussian_v_model, x_T, {}, steps=100, method="ddim")
-    x_ad, st_ad = sample(gaussian_v_model, x_T, {}, method="adaptive", atol=0.003, rtol=0.01)
+    x_ddim, st_ddim = sample(gaussian_v_model, x_T, {}, SamplerConfig(steps=100, method="ddim"))
+    x_ad, st_ad = sample(gaussian_v_model, x_T, {},
+                          SamplerConfig(method="adaptive", atol=0.003, rtol=0.01))
     e_ddim, e_ad = (x_ddim.double() - ref), (x_ad.double() - ref)
     assert st_ddim["nfe"] == 100
     assert st_ad["nfe"] < 100
@@ -154,14 +159,15 @@ def test_adaptive_beats_ddim_100_with_fewer_evaluations():
 def test_ddim_is_first_order():
     x_T = gaussian_noise(4000, seed=4)
     ref = exact_flow(x_T)
-    e100, e200 = ((sample(gaussian_v_model, x_T, {}, steps=n, method="ddim")[0].double() - ref).abs().max().item()
+    e100, e200 = ((sample(gaussian_v_model, x_T, {}, SamplerConfig(steps=n, method="ddim"))[0].double() - ref)
+                  .abs().max().item()
                   for n in (100, 200))
     assert 0.4 < e200 / e100 < 0.6
 
 
 def test_logsnr_grid_is_uniform_in_lambda():
     ns = cosine_schedule()
-    _, stats = sample(gaussian_v_model, gaussian_noise(16, 0), {}, steps=8, skip_type="logSNR")
+    _, stats = sample(gaussian_v_model, gaussian_noise(16, 0), {}, SamplerConfig(steps=8, skip_type="logSNR"))
     t = stats["t_calls"].double() / 1000 + 1.0 / ns.total_N
     lam = ns.marginal_lambda(t.float()).double()
     lam_T, lam_0 = (ns.marginal_lambda(torch.tensor([v])).item() for v in (1.0, 1e-3))
@@ -184,7 +190,8 @@ def test_cfg_batches_needed_passes_into_one_call(golden, s1, s2, passes):
     g, _ = golden
     model, calls = _recording(golden_model(g["in.W"], g["in.u"]))
     b = g["in.x_T"].shape[0]
-    _, stats = sample(model, g["in.x_T"], golden_cond(g), steps=5, guidance_scale=s1, guidance_scale2=s2)
+    config = SamplerConfig(steps=5, guidance_scale=s1, guidance_scale2=s2)
+    _, stats = sample(model, g["in.x_T"], golden_cond(g), config)
     assert calls == [passes * b] * 5 and stats["nfe"] == 5
 
 
@@ -208,11 +215,12 @@ def test_cfg_combination_equals_three_separate_passes(golden, s1, s2):
 def test_cfg_changes_the_sample_and_needs_image_condition(golden):
     g, _ = golden
     model = golden_model(g["in.W"], g["in.u"])
-    plain, _ = sample(model, g["in.x_T"], golden_cond(g), steps=10)
-    guided, _ = sample(model, g["in.x_T"], golden_cond(g), steps=10, guidance_scale=2.0, guidance_scale2=1.5)
+    plain, _ = sample(model, g["in.x_T"], golden_cond(g), SamplerConfig(steps=10))
+    guided, _ = sample(model, g["in.x_T"], golden_cond(g), SamplerConfig(steps=10, guidance_scale=2.0,
+                                                                         guidance_scale2=1.5))
     assert rel_err(guided, plain) > 1e-3
     with pytest.raises(ValueError, match="cond_images"):
-        sample(lambda x, t: x, g["in.x_T"], {}, steps=4, guidance_scale2=2.0)
+        sample(lambda x, t: x, g["in.x_T"], {}, SamplerConfig(steps=4, guidance_scale2=2.0))
 
 
 # ------------------------------------------------------------------------------------------ arguments, config
@@ -221,21 +229,62 @@ def test_cfg_changes_the_sample_and_needs_image_condition(golden):
     (dict(order=3), "order"),
     (dict(method="adaptive", order=1), "order"),
     (dict(steps=1), "steps"),
+    (dict(steps=2.5), "steps"),
     (dict(t_start=1e-3, t_end=0.5), "t_end"),
     (dict(skip_type="time_quadratic"), "skip_type"),
-    (dict(method="adaptive", return_intermediates=True), "intermediates"),
+    (dict(algorithm_type="dpmsolver"), "algorithm_type"),
+    (dict(atol=0.0), "atol"),
+    (dict(guidance_scale="2"), "guidance_scale"),
+    (dict(lower_order_final="yes"), "lower_order_final"),
 ])
-def test_rejects_bad_arguments(kwargs, match):
+def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        sample(gaussian_v_model, gaussian_noise(16, 0), {}, **kwargs)
+        SamplerConfig(**kwargs)
+    with pytest.raises(ValueError, match=match):  # per-call overrides are checked the same way
+        dataclasses.replace(SamplerConfig(), **kwargs)
+
+
+def test_sample_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="intermediates"):
+        sample(gaussian_v_model, gaussian_noise(16, 0), {}, SamplerConfig(method="adaptive"),
+               return_intermediates=True)
+    with pytest.raises(TypeError, match="SamplerConfig"):
+        sample(gaussian_v_model, gaussian_noise(16, 0), {}, {"steps": 4})
+
+
+def _sampling_block():
+    with open("configs/diffusion.yml") as f:
+        return yaml.safe_load(f)["sampling"]
 
 
 def test_sampling_config_block_feeds_sample():
-    with open("configs/diffusion.yml") as f:
-        cfg = yaml.safe_load(f)["sampling"]
-    kwargs = sample_kwargs(cfg)
-    assert kwargs["steps"] == cfg["steps"] and "fov_deg" not in kwargs
-    _, stats = sample(gaussian_v_model, gaussian_noise(16, 0), {}, **kwargs)
-    assert cfg["method"] == "multistep" and stats["nfe"] == cfg["steps"]
-    with pytest.raises(ValueError, match="algorithm_type"):
-        sample_kwargs({**cfg, "algorithm_type": "dpmsolver"})
+    cfg = _sampling_block()
+    config = SamplerConfig.from_config(cfg)  # the block's camera, frame and seed keys are skipped
+    assert config.steps == cfg["steps"] and config.method == cfg["method"] == "multistep"
+    _, stats = sample(gaussian_v_model, gaussian_noise(16, 0), {}, config)
+    assert stats["nfe"] == cfg["steps"]
+    assert dataclasses.replace(config, steps=7).steps == 7 and config.steps == cfg["steps"]  # frozen, copied
+
+
+def test_sampling_config_block_is_the_published_solver(golden):
+    """configs/diffusion.yml's block = the published solver of the golden runs (guidance off, the defaults of every
+    adaptive option); only the step count (and multistep, which the golden runs cover too) is ours."""
+    _, meta = golden
+    solver = meta["config"]["solver"]
+    config = SamplerConfig.from_config(_sampling_block())
+    names = {f.name for f in dataclasses.fields(SamplerConfig)}
+    published = SamplerConfig(**{k: v for k, v in solver.items() if k in names})
+    assert {k: getattr(published, k) for k in ("algorithm_type", "order", "skip_type", "t_start", "t_end")} == \
+        {k: solver[k] for k in ("algorithm_type", "order", "skip_type", "t_start", "t_end")}
+    assert config == dataclasses.replace(published, steps=config.steps)
+    assert config.method in {run["method"] for run in meta["config"]["runs"].values()}
+    assert (config.guidance_scale, config.guidance_scale2) == (meta["config"]["runs"]["ms10"]["guidance_scale"],
+                                                              meta["config"]["runs"]["ms10"]["guidance_scale2"])
+
+
+@pytest.mark.parametrize("extra", [{"stpes": 25}, {"guidance": 2.0, "fov": 40.0}])
+def test_from_config_refuses_unknown_keys(extra):
+    with pytest.raises(ValueError, match="unknown key.*" + ".*".join(sorted(extra))):
+        SamplerConfig.from_config({**_sampling_block(), **extra})
+    with pytest.raises(ValueError, match="steps"):  # bad values are named too
+        SamplerConfig.from_config({**_sampling_block(), "steps": 0})
