@@ -236,7 +236,7 @@ def static_reconstruction(models: Models, sample: Path, extractor_name: str, dev
 
 def sample_inputs(models: Models, job: Job, args, num_frames: int, device):
     """Tokens (T, L, C), canonical, the conditioning frames (T, 3, H, W) and an info dict for a prepared sample."""
-    frames, views = layout.count_renders(job.path)
+    frames, views = layout.count_frames(job.path), layout.count_views(job.path)
     if frames == 0:
         raise FileNotFoundError(f"{layout.image_path(job.path, 0, COND_VIEW)}: no renders of the conditioning view")
     t = min(num_frames, frames)
@@ -436,7 +436,7 @@ def held_out_views(job: Job, num_frames: int, device) -> list[tuple[torch.Tensor
     white, extrinsics (V, 4, 4), intrinsics (V, 3, 3). Read once, scored against any number of animations."""
     out = []
     for i in range(num_frames):
-        held_out = [v for v in range(layout.count_renders(job.path, timestep=i)[1]) if v != COND_VIEW]
+        held_out = [v for v in range(layout.count_views(job.path, i)) if v != COND_VIEW]
         if not held_out:
             raise ValueError(f"{job.path}: frame {i} has no view other than the conditioning view")
         gts, exts, ks = [], [], []

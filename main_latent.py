@@ -33,8 +33,8 @@ def parse_args(argv=None):
 
 
 def build_dataset(cfg, data_root: Path, list_file: Path | None) -> LatentDataset:
-    encoded = lambda root: sorted(p.parent.name for p in (Path(root) / "latents").glob("*/deformation_latent.pt"))
-    names = layout.select_samples(data_root, list_file, cfg.data.start_idx, cfg.data.end_idx, default=encoded)
+    names = layout.select_samples(data_root, list_file, cfg.data.start_idx, cfg.data.end_idx,
+                                  default=layout.encoded_samples)
     stats = load_latent_stats(cfg.data.stats_dir or data_root)
     return LatentDataset(data_root, names, stats, num_frames=cfg.train.sample_timesteps, extractor=cfg.data.image_encoder,
                          uncond_p=cfg.train.uncond_p, normalize_position_xyz=cfg.data.normalize_position_xyz,

@@ -39,16 +39,13 @@ from data_rendering.mesh import MeshSequence
 from datasets import layout
 from utils import cli
 from utils.cli import InputError
+from utils.fileio import natural_key
 from utils.logging import report_failures
 
 DEFAULT_FRAMES = 24          # the synthetic writer's --frames and the configs' num_timesteps
 BLENDER_FPS = 24.0
 STATIC_THRESHOLD = 0.01      # the published renderer's "is it moving" test (normalised units)
 _COMPANIONS = {".bin", ".png", ".jpg", ".jpeg", ".webp", ".mtl", ".txt", ".json", ".md"}  # files that go with inputs
-
-
-def natural_key(path: Path):
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
 
 
 def _y_up_to_z_up(v: np.ndarray) -> np.ndarray:

@@ -212,15 +212,22 @@ def has_renders(sample_root) -> bool:
     return (Path(sample_root) / "imgs").is_dir()
 
 
-def count_renders(sample_root, *, timestep: int = 0, data_root=None) -> tuple[int, int]:
-    """(frames, views) a sample's renders cover from the start: frames of view 0, and views of frame `timestep`,
-    that exist in sequence (0, 1, 2, ... until the first missing one); confined as image_path is."""
-    frames = views = 0
-    while image_path(sample_root, frames, 0, data_root=data_root).is_file():
-        frames += 1
-    while image_path(sample_root, timestep, views, data_root=data_root).is_file():
-        views += 1
-    return frames, views
+def _count(exists) -> int:
+    n = 0
+    while exists(n):
+        n += 1
+    return n
+
+
+def count_frames(sample_root, *, data_root=None) -> int:
+    """The frames a sample's renders cover from frame 0: those of view 0 that exist in sequence (0, 1, 2, ... until
+    the first missing one); confined as image_path is."""
+    return _count(lambda t: image_path(sample_root, t, 0, data_root=data_root).is_file())
+
+
+def count_views(sample_root, timestep: int = 0, *, data_root=None) -> int:
+    """The views of frame `timestep` that exist in sequence from view 0; confined as image_path is."""
+    return _count(lambda v: image_path(sample_root, timestep, v, data_root=data_root).is_file())
 
 
 def camera_path(sample_root, timestep: int, view: int, *, data_root=None) -> Path:
@@ -265,10 +272,18 @@ def latents_dir(data_root) -> Path:
     return confine(Path(data_root) / "latents", data_root)
 
 
+LATENT_FILE = "deformation_latent.pt"
+
+
 def latent_path(data_root, name: str) -> Path:
     """<data_root>/latents/<name>/deformation_latent.pt, confined to the data root (a `latents` symlink to a folder
     outside it is refused)."""
-    return confine(_check_name(Path(data_root) / "latents", name) / "deformation_latent.pt", data_root)
+    return confine(_check_name(Path(data_root) / "latents", name) / LATENT_FILE, data_root)
+
+
+def encoded_samples(data_root) -> list[str]:
+    """The names of the samples that have a latent under <data_root>/latents (encode_latent.py's output), sorted."""
+    return sorted(p.parent.name for p in latents_dir(data_root).glob(f"*/{LATENT_FILE}"))
 
 
 LATENT_STATS = ("deformation_mean", "deformation_std", "static_mean", "static_std")

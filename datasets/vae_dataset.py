@@ -111,7 +111,7 @@ class VAEDataset(Dataset):
         if not self.images:
             return item
 
-        available = layout.count_renders(root, data_root=self.data_root)[1]
+        available = layout.count_views(root, data_root=self.data_root)
         views = min(self.num_views, available)
         if views == 0:
             raise FileNotFoundError(f"{root}: no renders of frame 0")

@@ -55,6 +55,7 @@ from datasets import layout
 from models.motion_vae import pad_gaussians
 from scripts.make_pack import mean_latent
 from utils import cli
+from utils.checkpoint import safe_load
 from utils.fileio import atomic_write
 from utils.losses import load_lpips
 from utils.metrics import ImageMetrics, motion_statistics
@@ -85,7 +86,7 @@ def load_mean_latent(args, frames: int) -> tuple[torch.Tensor | None, str]:
     if not path.is_file():
         return None, f"mean motion left out: the pack has no {path.name} (scripts/make_pack.py writes it) and no " \
                      f"--train-list was given"
-    mean = torch.load(path, map_location="cpu", weights_only=True).float()
+    mean = safe_load(path).float()
     if mean.dim() != 2 or len(mean) < frames:
         return None, f"mean motion left out: {path} holds {tuple(mean.shape)}, not ({frames}+, C) per-frame latents"
     return mean[:frames], f"the pack's {path.name}"
@@ -198,10 +199,7 @@ def read_names(args) -> list[str]:
     for file in inference.PACK_FILES.values():
         if not (args.pack / file).is_file():
             raise cli.InputError(f"{args.pack / file}: missing from the pack")
-    try:
-        names = layout.read_list_file(args.list, args.data_root)[: args.limit]
-    except ValueError as e:  # a bad entry: the message names the file and the line
-        raise cli.InputError(str(e)) from e
+    names = layout.read_list_file(args.list, args.data_root)[: args.limit]  # a bad entry: InputError naming the line
     if not names:
         raise cli.InputError(f"{args.list}: no sample names")
     for n in names:

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
 
     video = layout.resolve_sample(args.data_root, args.video_from)
     frames = []
-    for t in range(layout.count_renders(video)[0]):
+    for t in range(layout.count_frames(video)):
         rgba = np.asarray(Image.open(layout.image_path(video, t, 0)), dtype=np.float32) / 255
         frames.append(rgba[..., :3] * rgba[..., 3:] + (1 - rgba[..., 3:]))
     write_video(args.out / f"{args.video_from}.mp4", np.stack(frames), fps=args.fps, overwrite=True)

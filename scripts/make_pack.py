@@ -26,7 +26,7 @@ import yaml
 from datasets import layout
 from utils import cli
 from inference_dpm_latent import PACK_FILES  # the names inference --pack reads
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.checkpoint import load_checkpoint, safe_load, save_checkpoint
 from utils.config import load_config
 from utils.fileio import atomic_write
 from utils.training import resolve_checkpoint, weights_file
@@ -37,7 +37,7 @@ def mean_latent(data_root: Path, names: list[str]) -> torch.Tensor:
     (`latent_mean`, (T, L, C)) in <data_root>/latents; float64 sums, each object weighing the same."""
     total, count = 0.0, 0
     for n in names:
-        mu = torch.load(layout.latent_path(data_root, n), map_location="cpu", weights_only=True)["latent_mean"].double()
+        mu = safe_load(layout.latent_path(data_root, n))["latent_mean"].double()
         total, count = total + mu.mean(1), count + 1
     if count == 0:
         raise SystemExit(f"no training latents under {Path(data_root) / 'latents'}: run encode_latent.py first")
@@ -49,10 +49,7 @@ def training_names(data_root: Path, stats_dir: Path, train_list: Path | None) ->
     for candidate in ([train_list] if train_list else [stats_dir / "train.txt", data_root / "train.txt"]):
         if train_list or candidate.is_file():  # an explicit --train-list must exist (FileNotFoundError otherwise)
             return layout.read_list_file(candidate, data_root), str(candidate)
-    latents = data_root / "latents"
-    names = sorted(p.name for p in latents.iterdir() if layout.latent_path(data_root, p.name).is_file()) \
-        if latents.is_dir() else []
-    return names, f"every object with latents under {latents}"
+    return layout.encoded_samples(data_root), f"every object with latents under {layout.latents_dir(data_root)}"
 
 
 def main(argv=None) -> int:

@@ -4,12 +4,14 @@ never half of one, and a failed write leaves no temporary file behind. No torch 
 - atomic_write(path, write): one file, written beside its place and renamed over it.
 - atomic_folder(path, overwrite): a whole output folder, written as a hidden sibling and swapped in when complete.
 - lock_folder(folder): an exclusive lock on <folder>/.lock for this process (fcntl.flock: it dies with the process).
+- natural_key(path): file names in natural order (frame sequences: frame_2 before frame_10).
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -25,6 +27,11 @@ except ImportError:  # not on Windows: folders are not locked there
     fcntl = None
 
 LOCK_NAME = ".lock"
+
+
+def natural_key(path: Path) -> list:
+    """Sort key of a file name in natural order (frame_2 before frame_10), case ignored."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", Path(path).name)]
 
 
 def fsync_dir(folder: Path) -> None:

@@ -3,13 +3,12 @@ videos (mp4 through imageio-ffmpeg, gif through Pillow), atomically."""
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from utils.fileio import atomic_write
+from utils.fileio import atomic_write, natural_key
 
 
 def to_uint8(frames: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -65,7 +64,7 @@ class VideoReadError(ValueError):
 def _frame_files(folder: Path) -> list[Path]:
     """Image files of a folder in natural order (frame_2 before frame_10), hidden files left out."""
     files = [f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".") and f.is_file()]
-    return sorted(files, key=lambda f: [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", f.name)])
+    return sorted(files, key=natural_key)
 
 
 def is_video_input(path: str | os.PathLike) -> bool:
