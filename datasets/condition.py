@@ -12,8 +12,8 @@ The DiT (models/dit.py) takes, besides the noisy latents and the time, three con
 Training: encode_latent.py stores the static set (`fps_gaussians`), the anchors MotionVAE.encode sampled (the same
 FPS from the first Gaussian) and the tokens (`condition_frames`); datasets/latent_dataset.py normalises them with
 `dit_condition`. Inference: pipeline/animate.MotionStage samples both sets from the canonical with `fps_gaussians` and
-normalises them with `dit_condition`; inference_dpm_latent.py makes a prepared sample's tokens from
-`condition_frames`. One definition of each step is what keeps the DiT's inputs at inference those it was trained on.
+normalises them with `dit_condition`; pipeline/video_to_4d.py makes a prepared sample's tokens from
+`condition_frames` and takes a video as seen by `condition_camera`. One definition of each step is what keeps the DiT's inputs at inference those it was trained on.
 """
 from __future__ import annotations
 
@@ -23,12 +23,20 @@ from typing import Mapping
 import torch
 
 from datasets import layout
+from utils.cameras import BLENDER_DEFAULT_FOV, intrinsics_from_fov, published_views
 from utils.images import composite, load_rgba
 from utils.pointcloud import farthest_point_sample, gather_points
 
 COND_VIEW = 0          # the front view of the renders is the video (spec §1.7)
 COND_BACKGROUND = 0.0  # black, as the published training features (spec §1.7, §10.5)
 CONDITION_KEYS = ("cond_images", "static_latent", "deformation_position_xyz")  # DiT.forward's condition arguments
+
+
+def condition_camera(device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """View COND_VIEW's camera, extrinsics (4, 4) and intrinsics (3, 3): the camera a video is assumed to come from
+    (spec §1.9), since the DiT only ever saw the renders of that view."""
+    ext, _ = published_views(COND_VIEW + 1)
+    return ext[COND_VIEW].to(device), intrinsics_from_fov(torch.tensor(BLENDER_DEFAULT_FOV)).to(device)
 
 
 def condition_frames(sample_root: Path, num_frames: int, *, data_root: Path | None = None) -> torch.Tensor:

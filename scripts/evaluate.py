@@ -16,7 +16,7 @@ Rows, all on the same canonical Gaussians (the static VAE's reconstruction of fr
 Also frame 0 alone, i.e. the static VAE's reconstruction quality.
 
 The oracle Δxyz of a Gaussian is the true mesh displacement interpolated at its centre by the mesh-guided KNN, the
-motion VAE's xyz training target (inference_dpm_latent.oracle_delta_xyz). Per row: EPE, the mean end-point error
+motion VAE's xyz training target (pipeline/ground_truth.oracle_delta_xyz). Per row: EPE, the mean end-point error
 against it; displacement, the mean |Δxyz|; ratio, the row's mean displacement over the true one (means over objects);
 cosine, the |oracle|-weighted direction agreement (utils.metrics.motion_statistics). A still canonical can score a
 PSNR close to the generated one; its EPE is the true displacement by construction, so EPE shows what PSNR hides.
@@ -27,13 +27,9 @@ per_object.csv (one line per object: each row's PSNR and EPE, and frame 0's PSNR
 renders/<name>.png for the first --renders objects (default 3): a strip of the first held-out view at a few frames after
 the first, rows ground truth | generated | still | oracle, each cell upscaled to at least 128 px (nearest).
 
-Speed: per object, each row is rasterized in one call over all its frames (the still row once per distinct camera set:
-it does not move), frame 0 only where it is reported (still = the static VAE's reconstruction), and each row's images
-are scored in one batch. On the CPU the torch rasterizer runs with 4-pixel tiles (RENDER_TILE): about twice as fast as
-its default 8 at 64² (2 is slower again), and the same images up to the splat tails that its 3.33σ cut-off leaves to
-the tile size (PSNR within 1e-5 dB of inference.ground_truth_metrics on data/pack's test objects). Rendering is most of
-the time; one rasterize call for all rows at once was slower than one per row. Tiny pack, data/pack test objects, one
-CPU thread: about 8 s per object (12.6k Gaussians: 14 s), from about 24 s.
+Speed: each row is rendered and scored in batches (pipeline/ground_truth.py, score_rows), frame 0 only where it is
+reported (still = the static VAE's reconstruction). Tiny pack, data/pack test objects, one CPU thread: about 8 s per
+object (12.6k Gaussians: 14 s), from about 24 s. Rendering is most of the time.
 """
 from __future__ import annotations
 
@@ -50,16 +46,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-import inference_dpm_latent as inference
 from datasets import layout
 from models.motion_vae import pad_gaussians
+from pipeline.ground_truth import frames_covered, held_out_views, mesh_motion, oracle_delta_xyz, score_rows
+from pipeline.outputs import label_patch
+from pipeline.pack import PACK_FILES
+from pipeline.video_to_4d import VideoTo4D
 from scripts.make_pack import mean_latent
 from utils import cli
 from utils.checkpoint import safe_load
 from utils.fileio import atomic_write
 from utils.losses import load_lpips
 from utils.metrics import ImageMetrics, motion_statistics
-from utils.render import rasterize
 from utils.video import to_uint8
 
 METHODS = ("generated", "VAE reconstruction", "oracle", "still", "mean motion")
@@ -67,7 +65,6 @@ MOTION_KEYS = ("epe", "displacement", "true_displacement", "ratio", "cosine")
 STRIP_ROWS = ("ground truth", "generated", "still", "oracle")
 STRIP_FRAMES = 4      # frames per strip, spread over those after the first
 STRIP_MIN_CELL = 128  # strip cells are upscaled (nearest, by an integer factor) to at least this many pixels
-RENDER_TILE = 4       # torch-rasterizer tile on the CPU (module docstring); None: the backend's default
 
 
 def mean_motion_latents(data_root: Path, names: list[str], frames: int) -> torch.Tensor:
@@ -92,52 +89,6 @@ def load_mean_latent(args, frames: int) -> tuple[torch.Tensor | None, str]:
     return mean[:frames], f"the pack's {path.name}"
 
 
-def render_frames(canonical, delta: torch.Tensor, views, frames: list[int], tile: int | None) -> list[torch.Tensor]:
-    """canonical + delta at `frames`, each from its frame's held-out cameras on white: (V, 3, H, W) per frame, in one
-    rasterize call when every frame has the same number and size of views (else one call per frame)."""
-    if len({tuple(views[t][0].shape) for t in frames}) == 1:
-        size = views[frames[0]][0].shape[-1]
-        ext, K = torch.stack([views[t][1] for t in frames]), torch.stack([views[t][2] for t in frames])
-        rgb = rasterize(canonical.apply_delta(delta[frames]), ext, K, size, size, background=1.0, tile_size=tile).rgb
-        return list(rgb.movedim(-1, -3).unbind(0))
-    return [rasterize(canonical.apply_delta(delta[[t]]), views[t][1][None], views[t][2][None], views[t][0].shape[-1],
-                      views[t][0].shape[-1], background=1.0, tile_size=tile).rgb[0].movedim(-1, -3) for t in frames]
-
-
-@torch.no_grad()
-def score_rows(views, canonical, deltas: dict[str, torch.Tensor], metrics: ImageMetrics, keep: list[int] = (),
-               keep_view: int = 0) -> tuple[dict, dict]:
-    """inference.ground_truth_metrics for every row of one object, batched (module docstring, Speed).
-
-    Per row: "mean_after_first" (the means over the frames after the first, or over the only frame) and "per_frame"
-    {t: metrics} of the frames rendered (those, and frame 0 for the still row). A row that does not move (Δ all zero)
-    is rendered once per distinct camera set and scored against every frame's ground truth. Also the renders of
-    view `keep_view` at the frames `keep` per row: {row: [(3, H, W)]}."""
-    t_all = len(views)
-    later = list(range(1, t_all)) or [0]
-    tile = RENDER_TILE if canonical.xyz.device.type == "cpu" else None
-    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(views[a][1:], views[b][1:])) and \
-        views[a][0].shape == views[b][0].shape
-    scores, kept = {}, {}
-    for row, delta in deltas.items():
-        frames = ([0] if row == "still" and 0 not in later else []) + later
-        source = {t: t for t in frames}
-        if not bool(delta.any()):  # a still row: frames seen by the same cameras see the same image
-            for i, t in enumerate(frames):
-                source[t] = next((u for u in frames[:i] if source[u] == u and same(u, t)), t)
-        drawn = sorted(set(source.values()))
-        images = dict(zip(drawn, render_frames(canonical, delta.float(), views, drawn, tile)))
-        pred = torch.cat([images[source[t]] for t in frames])
-        gt = torch.cat([views[t][0] for t in frames])
-        values = {k: v.split([len(views[t][0]) for t in frames]) for k, v in metrics(pred, gt).items()}
-        per_frame = {t: {k: float(v[i].mean()) for k, v in values.items()} for i, t in enumerate(frames)}
-        keys = per_frame[later[0]].keys()
-        scores[row] = {"per_frame": per_frame,
-                       "mean_after_first": {k: float(np.mean([per_frame[t][k] for t in later])) for k in keys}}
-        kept[row] = [images[source[t]][keep_view] for t in keep]
-    return scores, kept
-
-
 def strip_frames(num_frames: int) -> list[int]:
     """Up to STRIP_FRAMES frames spread evenly over those after the first (frame 0 alone when there is one)."""
     if num_frames == 1:
@@ -155,10 +106,10 @@ def strip_image(cells: dict[str, list[torch.Tensor]], frames: list[int]) -> np.n
     body = body.repeat(f, axis=2).repeat(f, axis=3)                                  # (R, F, h·f, w·f, 3)
     canvas = np.ascontiguousarray(body.transpose(0, 2, 1, 3, 4).reshape(len(STRIP_ROWS) * h * f, -1, 3))
     for r, name in enumerate(STRIP_ROWS):
-        patch = inference.label_patch(name, w * f)
+        patch = label_patch(name, w * f)
         canvas[r * h * f: r * h * f + patch.shape[0], : patch.shape[1]] = patch
     for i, t in enumerate(frames):
-        patch = inference.label_patch(f"t={t}", w * f // 2)
+        patch = label_patch(f"t={t}", w * f // 2)
         x1 = (i + 1) * w * f
         canvas[: patch.shape[0], x1 - patch.shape[1]: x1] = patch
     return canvas
@@ -196,7 +147,7 @@ def read_names(args) -> list[str]:
     for what, path in (("pack folder", args.pack), ("data root", args.data_root)):
         if not path.is_dir():
             raise cli.InputError(f"{path}: no such {what}")
-    for file in inference.PACK_FILES.values():
+    for file in PACK_FILES.values():
         if not (args.pack / file).is_file():
             raise cli.InputError(f"{args.pack / file}: missing from the pack")
     names = layout.read_list_file(args.list, args.data_root)[: args.limit]  # a bad entry: InputError naming the line
@@ -212,10 +163,8 @@ def read_names(args) -> list[str]:
 def evaluate(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     names = read_names(args)
-    inf_args = inference.parse_args(["--input", str(args.data_root), "--out", str(args.out), "--pack", str(args.pack),
-                                     *(["--config", str(args.config)] if args.config else []),
-                                     *(["--vae-config", str(args.vae_config)] if args.vae_config else [])])
-    models = inference.load_models(inf_args, device)
+    pipe = VideoTo4D.load(args.pack, config=args.config, vae_config=args.vae_config, device=device)
+    models = pipe.models
     motion = models.motion.motion_vae
     metrics = ImageMetrics(load_lpips(device=device))
     frames = args.num_frames or models.cfg.data.num_timesteps
@@ -230,13 +179,14 @@ def evaluate(args) -> dict:
     keep = strip_frames(frames)
     for i, name in enumerate(names):
         start = time.perf_counter()
-        job = inference.Job(name, layout.resolve_sample(args.data_root, name), "sample")
-        tokens, canonical, _, _ = inference.sample_inputs(models, job, inf_args, frames, device)
+        sample = layout.resolve_sample(args.data_root, name)
+        prepared = pipe.prepare(sample, num_frames=frames)
+        tokens, canonical = prepared.tokens, prepared.canonical
         queries, _ = pad_gaussians([canonical.to_condition().float()])
         # The mesh points and the oracle once per object: the VAE encodes the same points the oracle interpolates.
-        mesh = inference.mesh_motion(job, frames, motion.num_inputs, models.voxel_extractor)
+        mesh = mesh_motion(sample, frames, motion.num_inputs, models.voxel_extractor)
         static_pc, mesh_deltas = mesh["static_pc"].to(device), mesh["deltas"].to(device)
-        oracle = inference.oracle_delta_xyz(canonical.xyz.float(), static_pc, mesh_deltas, motion)   # (T, N, 3)
+        oracle = oracle_delta_xyz(canonical.xyz.float(), static_pc, mesh_deltas, motion)   # (T, N, 3)
         enc = motion.encode(static_pc[None], mesh_deltas[None], queries)
         still = torch.zeros(frames, len(canonical), 14, device=device)
         deltas = {
@@ -248,7 +198,7 @@ def evaluate(args) -> dict:
         if mean is not None:
             deltas["mean motion"] = motion.decode(
                 mean.to(device)[None, :, None].expand(1, frames, motion.num_latents, -1), queries)[0]
-        views = inference.held_out_views(job, frames, device)  # read once for every row
+        views = held_out_views(sample, frames, device)  # read once for every row
         strip = i < args.renders
         scores, kept = score_rows(views, canonical, deltas, metrics, keep if strip else [])
         for method, delta in deltas.items():
@@ -275,7 +225,7 @@ def evaluate(args) -> dict:
                if "mean motion" in rows else {}),
             "generated_lower_epe_than_still": int((epe("generated") < epe("still")).sum())}
     result = {"objects": len(names), "frames": frames,
-              "frames_covered": inference.frames_covered(frames, after_first=True), "names": names,
+              "frames_covered": frames_covered(frames, after_first=True), "names": names,
               "methods": summary, "frame0_static_vae": summarize(first), "wins": wins,
               "mean_motion_source": mean_source if mean is not None else None, "notes": notes,
               "seconds_per_object": float(np.mean(seconds)), "per_object": {**rows, "frame0_static_vae": first},

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-import inference_dpm_latent as inference
 from datasets import layout
+from pipeline.canonical import static_reconstruction
+from pipeline.pack import load_models
 from utils import cli
 from utils.gaussians import write_ply
 from utils.video import write_video
@@ -45,9 +46,8 @@ def main(argv=None) -> int:
         rgba = np.asarray(Image.open(layout.image_path(video, t, 0)), dtype=np.float32) / 255
         frames.append(rgba[..., :3] * rgba[..., 3:] + (1 - rgba[..., 3:]))
     write_video(args.out / f"{args.video_from}.mp4", np.stack(frames), fps=args.fps, overwrite=True)
-    models = inference.load_models(inference.parse_args(["--input", ".", "--out", ".", "--pack", str(args.pack)]),
-                                   torch.device("cpu"))
-    canonical = inference.static_reconstruction(models, video, models.voxel_extractor, torch.device("cpu"))
+    models = load_models(args.pack)
+    canonical = static_reconstruction(models.static_vae, video, models.voxel_extractor, torch.device("cpu"))
     write_ply(canonical, args.out / f"{args.video_from}.ply", overwrite=True)
     print(f"examples in {args.out}: sample {args.sample}, video {args.video_from}.mp4 with {args.video_from}.ply")
     return 0

@@ -24,8 +24,8 @@ import torch
 import yaml
 
 from datasets import layout
+from pipeline.pack import PACK_FILES  # the names inference --pack reads
 from utils import cli
-from inference_dpm_latent import PACK_FILES  # the names inference --pack reads
 from utils.checkpoint import load_checkpoint, safe_load, save_checkpoint
 from utils.config import load_config
 from utils.fileio import atomic_write

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 import encode_latent
-import inference_dpm_latent as inference
 import main_latent
 import pipeline.animate
 from data_rendering.synthetic_dataset import main as make_synthetic
@@ -25,6 +24,7 @@ from datasets.condition import CONDITION_KEYS
 from models.dit import DiT
 from models.motion_vae import MotionVAE
 from models.static_vae import StaticVAE
+from pipeline.video_to_4d import VideoTo4D
 from utils.checkpoint import save_checkpoint
 from utils.config import load_config
 
@@ -67,16 +67,12 @@ def training_condition(data, name, normalize_position_xyz):
 
 
 def inference_condition(root, data, pack, name, normalize_position_xyz, monkeypatch):
-    """The condition inference_dpm_latent.py gives the solver (and so the DiT) for the prepared sample."""
+    """The condition the inference pipeline gives the solver (and so the DiT) for the prepared sample."""
     config = root / f"diffusion_{normalize_position_xyz}.yml"  # the pack's config, with the flag under test
     config.write_text(f"base: {Path(DIT).resolve()}\ndata:\n  normalize_position_xyz: "
                       f"{str(normalize_position_xyz).lower()}\n")
-    args = inference.parse_args(["--config", str(config), "--vae-config", VAE, "--pack", str(pack), "--stats-dir",
-                                 str(data), "--input", str(data / name), "--out", str(root / "unused")])
-    device = torch.device("cpu")
-    models = inference.load_models(args, device)
-    tokens, canonical, _, _ = inference.sample_inputs(models, inference.Job(name, data / name, "sample"), args, 8,
-                                                      device)
+    pipe = VideoTo4D.load(pack, config=config, vae_config=VAE, stats_dir=data, device="cpu")
+    prepared = pipe.prepare(data / name, num_frames=8)
     caught = {}
 
     def catch(model_fn, x_T, cond, config, **kwargs):
@@ -85,7 +81,7 @@ def inference_condition(root, data, pack, name, normalize_position_xyz, monkeypa
 
     monkeypatch.setattr(pipeline.animate, "sample", catch)
     with pytest.raises(_Caught):
-        models.motion(canonical, tokens)
+        pipe.models.motion(prepared.canonical, prepared.tokens)
     return caught
 
 

@@ -2,8 +2,9 @@
 
 On the tiny random pack and two synthetic samples of the inference tests: make_pack's mean_latent.pt against a float64
 mean computed here from the latent files; evaluate without --train-list (the pack's mean latent) against evaluate with
-it; per_object.csv against metrics.json; the PNG strips against the ground-truth renders; the batched scoring against
-inference.ground_truth_metrics; a pack without a mean latent; a missing list refused in one line."""
+it; per_object.csv against metrics.json; the PNG strips against the ground-truth renders; the batched scoring
+(pipeline/ground_truth.py) against one render per view; a pack without a mean latent; a missing list refused in one
+line."""
 import csv
 import json
 import os
@@ -17,12 +18,15 @@ import pytest
 import torch
 from PIL import Image
 
-import inference_dpm_latent as inference
 from datasets import layout
+from pipeline.canonical import static_reconstruction
+from pipeline.ground_truth import ground_truth_metrics, held_out_views, score_rows
+from pipeline.pack import PACK_FILES, load_models
 from scripts import evaluate, make_pack
 from test_inference import DIT, VAE, world  # noqa: F401  (the tiny pack and data of the inference tests)
 from utils.losses import load_lpips
 from utils.metrics import ImageMetrics
+from utils.render import rasterize
 from utils.training import STATE_FILE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +54,7 @@ def setup(world, tmp_path_factory):
         ckpt.mkdir(parents=True)
         (ckpt / STATE_FILE).write_bytes(b"")
         for m in models:
-            shutil.copy(pack / inference.PACK_FILES[m], ckpt / f"ema_{m}.safetensors")
+            shutil.copy(pack / PACK_FILES[m], ckpt / f"ema_{m}.safetensors")
         runs[run] = ckpt
     new = tmp / "pack"
     assert make_pack.main(["--vae-run", str(runs["vae"]), "--dit-run", str(runs["dit"]), "--stats-dir", str(pack),
@@ -89,7 +93,7 @@ def test_make_pack_writes_the_float64_mean_of_the_listed_latents(setup):
     # The unlisted object's latent is left out (with it the mean would be far off).
     everything = (want * len(listed) + setup["mus"]["unlisted"].double().numpy().mean(1)) / (len(listed) + 1)
     assert np.abs(everything - want).max() > 0.1
-    for f in [*inference.PACK_FILES.values(), "config.yml", "vae.yml"]:
+    for f in [*PACK_FILES.values(), "config.yml", "vae.yml"]:
         assert (setup["pack"] / f).is_file(), f
 
 
@@ -160,32 +164,43 @@ def test_a_pack_without_mean_latent_leaves_the_row_out(runs):
     assert "mean_motion_psnr" not in (out / "per_object.csv").read_text()
 
 
-def test_batched_scores_equal_ground_truth_metrics(setup, world, monkeypatch):
-    """score_rows (one render per row, the still row once, 4-pixel tiles) against inference.ground_truth_metrics
-    (one render per frame, default tiles), row by row: the same numbers up to the tiles' splat tails."""
+def test_batched_scores_equal_one_render_per_view(setup, world, monkeypatch):
+    """score_rows (one render per row, the still row once, 4-pixel tiles) and ground_truth_metrics against a brute
+    force: every frame and view rendered alone at the rasterizer's default tile and scored alone. The same numbers up
+    to the tiles' splat tails."""
     monkeypatch.setenv("GVF_LPIPS_HUB", "off")
     root, data, pack = world
     dev = torch.device("cpu")
-    args = inference.parse_args(["--input", str(data), "--out", str(root), "--pack", str(pack), "--config", DIT,
-                                 "--vae-config", VAE])
-    models = inference.load_models(args, dev)
+    models = load_models(pack, config=DIT, vae_config=VAE)
     name = setup["names"][0]
-    canonical = inference.static_reconstruction(models, data / name, models.voxel_extractor, dev)
-    views = inference.held_out_views(inference.Job(name, data / name, "sample"), T, dev)
+    canonical = static_reconstruction(models.static_vae, data / name, models.voxel_extractor, dev)
+    views = held_out_views(data / name, T, dev)
     g = torch.Generator().manual_seed(1)
     moving = torch.randn(T, len(canonical), 14, generator=g) * 0.02
     deltas = {"generated": moving, "still": torch.zeros_like(moving)}
     metrics = ImageMetrics(load_lpips(device=dev))
-    scores, kept = evaluate.score_rows(views, canonical, deltas, metrics, keep=[2], keep_view=1)
-    for row, delta in deltas.items():
-        want = inference.ground_truth_metrics(views, canonical, delta, metrics)
-        assert want["frames_covered"] == {"mean": "all frames 0..7",
-                                          "mean_after_first": "frames 1..7 (after the first)"}
-        for k, v in want["mean_after_first"].items():
-            assert scores[row]["mean_after_first"][k] == pytest.approx(v, abs=1e-3), (row, k)
+
+    def brute(delta, t):  # {metric: mean over the held-out views of frame t}
+        gt, ext, K = views[t]
+        frame = canonical.apply_delta(delta[[t]]).map(lambda x: x[0])
+        per_view = [metrics(rasterize(frame, ext[v:v + 1], K[v:v + 1], gt.shape[-1], gt.shape[-1],
+                                      background=1.0).rgb.movedim(-1, -3), gt[v:v + 1]) for v in range(len(gt))]
+        return {k: float(np.mean([float(m[k]) for m in per_view])) for k in per_view[0]}
+
+    want = {row: [brute(d, t) for t in range(T)] for row, d in deltas.items()}
+    assert abs(want["generated"][3]["psnr"] - want["still"][3]["psnr"]) > 0.1, want  # the rows are told apart
+    scores, kept = score_rows(views, canonical, deltas, metrics, keep=[2], keep_view=1)
+    for row in deltas:
+        for k, v in scores[row]["mean_after_first"].items():
+            assert v == pytest.approx(np.mean([f[k] for f in want[row][1:]]), abs=1e-3), (row, k)
         assert kept[row][0].shape == views[2][0][1].shape
-    assert scores["still"]["per_frame"][0]["psnr"] == pytest.approx(want["per_frame"][0]["psnr"], abs=1e-3)
+    assert scores["still"]["per_frame"][0]["psnr"] == pytest.approx(want["still"][0]["psnr"], abs=1e-3)
     assert 0 not in scores["generated"]["per_frame"]  # frame 0 is not reported for the moving rows
+
+    summary = ground_truth_metrics(views, canonical, moving, metrics)  # summary.json's: every frame
+    assert summary["frames_covered"] == {"mean": "all frames 0..7", "mean_after_first": "frames 1..7 (after the first)"}
+    assert [f["psnr"] for f in summary["per_frame"]] == pytest.approx([f["psnr"] for f in want["generated"]], abs=1e-3)
+    assert summary["mean"]["psnr"] == pytest.approx(np.mean([f["psnr"] for f in want["generated"]]), abs=1e-3)
 
 
 def test_missing_list_is_one_line(setup, tmp_path):

@@ -1,11 +1,11 @@
-"""grid.png (inference_dpm_latent.grid_image): on neutral grey, the object framed to fill its cells, frames and views
+"""grid.png (pipeline/outputs.grid_image): on neutral grey, the object framed to fill its cells, frames and views
 labelled, and the motion still visible. Checked against a direct rasterisation of the same small, moving object."""
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from inference_dpm_latent import GRID_AZIMUTHS, grid_image
+from pipeline.outputs import GRID_AZIMUTHS, grid_image
 from utils.cameras import orbit_cameras
 from utils.gaussians import Gaussians
 from utils.render import rasterize

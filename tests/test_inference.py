@@ -9,8 +9,10 @@ import torch
 from PIL import Image
 
 import inference_dpm_latent as inference
+import pipeline.outputs
 from data_rendering.synthetic_dataset import main as make_synthetic
 from datasets import layout
+from datasets.condition import condition_camera
 from models.dit import DiT
 from models.motion_vae import MotionVAE
 from models.static_vae import StaticVAE
@@ -108,7 +110,7 @@ def _check_compare(path, sample, plys, s):
     r, t = s.resolution, len(plys)
     assert video.shape == (t, r, 3 * r, 3)
     video = video.astype(np.float64) / 255
-    ext, K = inference.front_camera(torch.device("cpu"))
+    ext, K = condition_camera(torch.device("cpu"))
     ext_o, K_o = orbit_cameras(torch.arange(t) * (360.0 / t), s.elevation_deg, s.radius, s.fov_deg)
     expected = []
     for i, ply in enumerate(plys):
@@ -252,7 +254,7 @@ def test_overwrite_replaces_an_output_folder_as_a_whole(world, monkeypatch):
         written.append(path)
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(inference, "write_video", failing_video)
+    monkeypatch.setattr(pipeline.outputs, "write_video", failing_video)
     assert _run("--pack", pack, "--input", data / name, "--out", out, "--no-metrics", "--num-frames", "2",
                 "--overwrite") == 1
     assert written and written[0].parent != d  # it was writing into the staging folder

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-import inference_dpm_latent as inference
 from datasets import layout
+from pipeline.canonical import static_reconstruction
+from pipeline.pack import load_models
 from scripts import evaluate
 from test_inference import DIT, VAE, _run, world  # noqa: F401  (the tiny pack and data of the inference tests)
 from utils.metrics import motion_statistics
@@ -85,11 +86,9 @@ def oracle_numpy(sample, canonical_xyz: np.ndarray, num_points: int, frames: int
 def oracle_of_first(world):
     """The first sample's name, its canonical (the static VAE reconstruction), and its numpy oracle Δxyz."""
     root, data, pack = world
-    args = inference.parse_args(["--input", str(data), "--out", str(root), "--pack", str(pack), "--config", DIT,
-                                 "--vae-config", VAE])
-    models = inference.load_models(args, torch.device("cpu"))
+    models = load_models(pack, config=DIT, vae_config=VAE)
     name = layout.list_samples(data)[0]
-    canonical = inference.static_reconstruction(models, data / name, models.voxel_extractor, torch.device("cpu"))
+    canonical = static_reconstruction(models.static_vae, data / name, models.voxel_extractor, torch.device("cpu"))
     mv = models.motion.motion_vae
     oracle = oracle_numpy(data / name, canonical.xyz.double().numpy(), mv.num_inputs, 8, mv.knn_k, mv.beta)
     return name, oracle
