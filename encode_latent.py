@@ -1,10 +1,11 @@
-"""Build the diffusion dataset from a prepared VAE dataset (spec §7), then its four normalisation files.
+"""Build the diffusion dataset from a prepared VAE dataset (docs/published_system.md §7), then its four normalisation
+files.
 
 Per object, written under the same data root (datasets/layout.py):
 - latents/<name>/deformation_latent.pt: the motion posterior over all frames and the canonical Gaussians' FPS sets
-  (keys of spec §7; `fps_sampled_gs_1024` keeps its published name although it holds the num_latents anchors);
+  (keys of published §7; `fps_sampled_gs_1024` keeps its published name although it holds the num_latents anchors);
 - <prefix>_cond_features/<name>.npz: the image tokens of view 0 per frame on black, as the published training
-  features (spec §1.7), when not already there;
+  features (published §1.7), when not already there;
 then {deformation,static}_{mean,std}.pt over every selected object (datasets/latent_dataset.compute_latent_stats).
 
     accelerate launch --num_processes 1 encode_latent.py --config configs/tiny/vae.yml \\

@@ -1,5 +1,5 @@
-"""Train the motion-latent DiT (spec §4.2) on T frames per sample, with classifier-free-guidance dropout, v-prediction
-and EMA, on the shared training loop (utils/training.py).
+"""Train the motion-latent DiT (docs/published_system.md §4.2) on T frames per sample, with classifier-free-guidance
+dropout, v-prediction and EMA, on the shared training loop (utils/training.py).
 
     accelerate launch --num_processes 1 main_latent.py --config configs/tiny/diffusion.yml --data-root data/synth \\
         --out runs/dit_tiny train.max_steps=200

@@ -1,4 +1,4 @@
-"""Train the VAEs (spec §3.4-3.5, §4.1) on the shared training loop (utils/training.py).
+"""Train the VAEs (docs/published_system.md §3.4-3.5, §4.1) on the shared training loop (utils/training.py).
 
 Phase 1 (optimiser steps < train.static_vae_steps): the static VAE alone, on one random canonical-frame view per
 sample: L1 + 0.2·(1 − SSIM) + 0.2·LPIPS + KL + volume and opacity regularisers. Phase 2: the same static loss, plus the
@@ -11,7 +11,7 @@ of the deformed Gaussians at the sampled frames. The motion optimiser's warm-up 
         --static-init trellis_init_vae.pt --out runs/vae
 
 `--static-init` takes our checkpoint, a published static-VAE `.pt`, or a TRELLIS-initialised one whose 32-Gaussian
-out_layer is replaced by a fresh zero one (spec §3.5). Overrides `section.key=value` follow the options.
+out_layer is replaced by a fresh zero one (published §3.5). Overrides `section.key=value` follow the options.
 An --out that holds checkpoints needs `--resume latest` (continue) or `--restart` (the old run is moved to
 <out>.old-<date>-<time>/); the folder is locked while training. `--allow-symlinks` follows symlinks out of the data root.
 """
@@ -34,7 +34,7 @@ from utils.render import rasterize
 from utils import cli
 from utils.training import LoopConfig, TrainLoop, check_run_folder, seed_everything, trainer_arg_parser
 
-# Keys of a TRELLIS SLat decoder that do not fit an 8-Gaussian model (spec §3.5); dropped together when they differ.
+# Keys of a TRELLIS SLat decoder that do not fit an 8-Gaussian model (published §3.5); dropped together when they differ.
 OUT_LAYER_SWAP = ("out_layer.weight", "out_layer.bias", "MipGS_perturbation")
 BACKGROUNDS = {"white": 1.0, "black": 0.0}
 
@@ -60,13 +60,13 @@ def build_dataset(cfg, data_root: Path, list_file: Path | None) -> VAEDataset:
 
 def build_static_vae(cfg, init: Path | None) -> StaticVAE:
     model = StaticVAE.from_config(cfg.static_vae)
-    torch.nn.init.zeros_(model.out_layer.weight)  # Gaussians start at the Hammersley points (spec §3.2)
+    torch.nn.init.zeros_(model.out_layer.weight)  # Gaussians start at the Hammersley points (published §3.2)
     torch.nn.init.zeros_(model.out_layer.bias)
     if init is not None:
         if load_weights(model, init, drop_mismatched=OUT_LAYER_SWAP):  # those keep their fresh values
             print(f"main_vae: {init}: out_layer and perturbation do not fit {model.rep['num_gaussians']} Gaussians per "
                   f"voxel; they start fresh (zero out_layer), the rest is loaded")
-        if not cfg.train.finetune_encoder:  # the published freeze_encoder(): the blocks only (spec §3.5, §10.10)
+        if not cfg.train.finetune_encoder:  # the published freeze_encoder(): the blocks only (published §3.5, §10.10)
             model.encoder.requires_grad_(False)
     return model
 
@@ -121,7 +121,7 @@ class VAEObjective:
 
     def motion(self, gaussians: list[Gaussians], batch, loop, lpips):
         t = self.t
-        queries, lengths = pad_gaussians([g.to_condition() for g in gaussians])  # not detached (spec §3.5)
+        queries, lengths = pad_gaussians([g.to_condition() for g in gaussians])  # not detached (published §3.5)
         static_pc, deltas = batch["static_pc"], batch["deltas"]
         delta, enc = loop.models["motion_vae"](static_pc, deltas, queries, lengths)  # (B, T', Q, 14)
         kl = enc.kl().mean()

@@ -1,6 +1,6 @@
-"""The whole motion stage at paper scale with random weights (DESIGN.md budget: ≤ 1 s and ≤ 8 GB on an H100):
-conditions (FPS anchors and static condition), DPM-Solver++ sampling, motion-VAE decoding of every Gaussian, and
-rendering every frame at 512² (one orbit view per frame).
+"""The whole motion stage at paper scale with random weights (budget of docs/architecture.md §5: ≤ 1 s and ≤ 8 GB
+on an H100): conditions (FPS anchors and static condition), DPM-Solver++ sampling, motion-VAE decoding of every
+Gaussian, and rendering every frame at 512² (one orbit view per frame).
 
     python benchmarks/bench_inference.py                       # 32 frames, 25 evaluations, 160k Gaussians, bf16
     python benchmarks/bench_inference.py --compile             # the DiT through torch.compile

@@ -7,7 +7,7 @@ data of the paper's shapes: optimiser steps per second (median step time after w
 Data (written once under --data): per object 8192 surface points over 24 frames, a voxel shell of about 15k voxels at
 64³ with 1024-channel features, 512² RGBA renders (4 views per frame: the loader reads one canonical and one
 deformation view per sample), and for the DiT the (24, 512, 16) latents, the 4096-Gaussian condition and
-(24, 1370, 1024) image tokens. Batches as the paper: 2 per process, grad_accum 2 (spec §4).
+(24, 1370, 1024) image tokens. Batches as the paper: 2 per process, grad_accum 2 (docs/published_system.md §4).
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ Runs inside the Blender venv made by ``./setup.sh --render``::
 project's torch modules: the helpers above ``render`` use only numpy and the standard library, so the main venv
 (tests, ``render_dataset.py``) can import this file without bpy; bpy is imported inside ``render``.
 
-What it does (the published renderer's recipe, spec §1.9, with the fixes of §10.4):
+What it does (the published renderer's recipe, docs/published_system.md §1.9, with the fixes of published §10.4):
 
 1. Imports the asset into an empty scene; imported cameras and lights are removed; geometry hidden from rendering
    (e.g. the glTF importer's bone-shape collection) is ignored.
@@ -107,7 +107,7 @@ def look_at_matrix_world(eye, target=(0.0, 0.0, 0.0), up=(0.0, 0.0, 1.0)) -> np.
 
 
 def camera_record(matrix_world, x_fov: float, aspect: float = 1.0, bbox=None) -> dict:
-    """The published camera JSON (spec §1.2; same fields and order as utils.cameras.blender_camera_json):
+    """The published camera JSON (published §1.2; same fields and order as utils.cameras.blender_camera_json):
     ``matrix_world`` (Blender camera-to-world rows), ``format_version`` 6, ``max_depth`` 5.0, ``bbox``
     ([[min xyz], [max xyz]], when given), ``origin`` (camera centre), ``x_fov``, ``y_fov`` (radians) and ``x``, ``y``,
     ``z``: the OpenCV right / down / forward axes in world."""

@@ -3,7 +3,7 @@
     python data_rendering/download_objaverse.py --out data/objaverse [--max 1000] [--uids my_uids.txt] [--seed 0]
     python data_rendering/render_dataset.py data/objaverse/animated.txt --out data/renders
 
-Selection (the Diffusion4D / GVFDiffusion recipe, field.md §7): ``objaverse.load_annotations`` and keep the objects
+Selection (the Diffusion4D / GVFDiffusion recipe, docs/paper.md §7): ``objaverse.load_annotations`` and keep the objects
 whose ``animationCount`` is at least ``--min-animations`` (1). ``--uids`` restricts the candidates to a list of uids
 (and then only the annotation shards holding them are fetched); ``--license`` keeps only the given licences. The
 kept uids are sorted, shuffled with ``--seed`` and cut to ``--max``, so a seed and a max always give the same subset.

@@ -1,5 +1,5 @@
-"""VAE training data from animated meshes (spec §1.3, §1.4): surface points with per-frame correspondence, and frame 0's
-image features lifted onto 64³ voxels.
+"""VAE training data from animated meshes (docs/published_system.md §1.3, §1.4): surface points with per-frame
+correspondence, and frame 0's image features lifted onto 64³ voxels.
 
     python -m data_rendering.prepare_vae_data --data-root data/objaverse --list data/objaverse/all.txt --extractor dinov2_vitl14_reg
 
@@ -77,7 +77,7 @@ def frame0_views(sample_root: Path, num_views: int | None = None) -> tuple[torch
 
 def voxel_features(vertices0: np.ndarray, faces: np.ndarray, images: torch.Tensor, extrinsics: torch.Tensor,
                    intrinsics: torch.Tensor, extractor, resolution: int = layout.VOXEL_RESOLUTION):
-    """Voxelise frame 0 and lift the extractor's patch features of the given views onto the voxels (spec §1.4)."""
+    """Voxelise frame 0 and lift the extractor's patch features of the given views onto the voxels (published §1.4)."""
     indices = voxelize_mesh(torch.from_numpy(vertices0), torch.from_numpy(faces), resolution)
     with torch.no_grad():
         grids = extractor.patch_grid(images.to(extractor.device)).float().cpu()

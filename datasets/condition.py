@@ -1,4 +1,5 @@
-"""The DiT condition of one object (spec §1.6, §1.7, §10.7), built here for training and inference alike.
+"""The DiT condition of one object (docs/published_system.md §1.6, §1.7, §10.7), built here for training and inference
+alike.
 
 The DiT (models/dit.py) takes, besides the noisy latents and the time, three condition tensors, the dict that
 `dit_condition` returns:
@@ -27,8 +28,8 @@ from utils.cameras import BLENDER_DEFAULT_FOV, intrinsics_from_fov, published_vi
 from utils.images import composite, load_rgba
 from utils.pointcloud import farthest_point_sample, gather_points
 
-COND_VIEW = 0          # the front view of the renders is the video (spec §1.7)
-COND_BACKGROUND = 0.0  # black, as the published training features (spec §1.7, §10.5)
+COND_VIEW = 0          # the front view of the renders is the video (published §1.7)
+COND_BACKGROUND = 0.0  # black, as the published training features (published §1.7, §10.5)
 CONDITION_KEYS = ("cond_images", "static_latent", "deformation_position_xyz")  # DiT.forward's condition arguments
 
 
@@ -66,7 +67,7 @@ def dit_condition(static_gaussians: torch.Tensor, anchors: torch.Tensor, tokens:
     tokens are passed through as given (the dataset keeps them float16 for the loader, the trainer casts them)."""
     mean, std = stats["static_mean"], stats["static_std"]
     xyz = anchors[..., :3].float()
-    if normalize_position_xyz:  # spec §10.7: the token positions share the static statistics' xyz part
+    if normalize_position_xyz:  # published §10.7: the token positions share the static statistics' xyz part
         xyz = (xyz - mean[..., :3]) / std[..., :3]
     return {"cond_images": tokens,
             "static_latent": (static_gaussians.float() - mean) / std,

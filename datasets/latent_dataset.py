@@ -1,10 +1,10 @@
-"""The diffusion training dataset (spec §1.6): per-object motion-latent posteriors, the canonical-Gaussian condition and
-the per-frame image tokens, normalised with the four statistics files.
+"""The diffusion training dataset (docs/published_system.md §1.6): per-object motion-latent posteriors, the
+canonical-Gaussian condition and the per-frame image tokens, normalised with the four statistics files.
 
 Per item: a fresh latent draw mean + std·ε over T frames chosen from the clip (sorted; all of them when T equals the clip
 length), or the posterior mean itself with `posterior_draws=False` (see compute_latent_stats for why),
 x = (latent - deformation_mean) / deformation_std, static = (fps_4096 - static_mean) / static_std, token
-positions = the 512 anchors' xyz normalised by the static statistics' xyz part (spec §10.7), and the matching frames'
+positions = the 512 anchors' xyz normalised by the static statistics' xyz part (published §10.7), and the matching frames'
 image tokens; the condition is built by datasets/condition.dit_condition, which inference calls too. With probability
 `uncond_p` all image tokens of the item are zeroed (classifier-free guidance dropout); the static condition is never
 dropped. Randomness comes from (seed, epoch, index), as in the VAE dataset.
@@ -34,7 +34,7 @@ def load_latent_stats(stats_dir) -> dict[str, torch.Tensor]:
 
 
 def compute_latent_stats(data_root, names: list[str], posterior_draws: bool = True) -> dict[str, torch.Tensor]:
-    """The four normalisation tensors from encoded latents (spec §7: not downloadable, so computed here).
+    """The four normalisation tensors from encoded latents (published §7: not downloadable, so computed here).
 
     deformation_{mean,std} (C,): per channel, over all objects, frames and tokens, of the latents the DiT trains on.
     Draws mean + std·ε (published, `posterior_draws`): their moments are exact from the stored posteriors

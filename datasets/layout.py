@@ -1,6 +1,7 @@
-"""Sample directory layout: the ONE place that names files on disk (DESIGN.md, "Sample directory").
+"""Sample directory layout: the ONE place that names files on disk (docs/architecture.md §3.1).
 
-Per-object directory ``<data_root>/<name>/`` (published layout, spec §1.1, so existing renders work unchanged)::
+Per-object directory ``<data_root>/<name>/`` (the published layout of docs/published_system.md §1.1, so existing renders
+work unchanged)::
 
     imgs/timestep_{TT:02d}_view_{VV:02d}.png          RGBA render
     meta_data/timestep_{TT:02d}_view_{VV:02d}.json    camera (utils/cameras.load_blender_camera)
@@ -10,12 +11,12 @@ Per-object directory ``<data_root>/<name>/`` (published layout, spec §1.1, so e
     features_all_timesteps/<t>/<extractor>.npz        voxel features: indices (N, 3) uint8, patchtokens (N, C) float16
     metadata.json, static.txt                         render record; marker of an object rejected as static
 
-Per-dataset files, under the same ``<data_root>`` (one convention, fixing the three of spec §10.1)::
+Per-dataset files, under the same ``<data_root>`` (one convention, fixing the three of published §10.1)::
 
-    latents/<name>/deformation_latent.pt              encode_latent.py output (spec §1.6, §7)
+    latents/<name>/deformation_latent.pt              encode_latent.py output (published §1.6, §7)
     {deformation,static}_{mean,std}.pt                latent normalisation statistics (in a stats folder, default the root)
     mean_latent.pt                                    in a pack: the per-frame mean motion latent (scripts/make_pack.py)
-    <prefix>_cond_features/<name>.npz                 image tokens, key ``features`` (T, L, C) float16 (spec §1.7);
+    <prefix>_cond_features/<name>.npz                 image tokens, key ``features`` (T, L, C) float16 (published §1.7);
                                                       prefix "dinov2" for dinov2_vitl14_reg (published name), else
                                                       the extractor name.
 
@@ -290,7 +291,7 @@ LATENT_STATS = ("deformation_mean", "deformation_std", "static_mean", "static_st
 
 
 def latent_stats_path(stats_dir, which: str) -> Path:
-    """One of the four normalisation files (spec §1.6): `which` in LATENT_STATS."""
+    """One of the four normalisation files (published §1.6): `which` in LATENT_STATS."""
     if which not in LATENT_STATS:
         raise InputError(f"latent statistics are {LATENT_STATS}, got {which!r}")
     return Path(stats_dir) / f"{which}.pt"

@@ -1,6 +1,6 @@
-"""The VAE training dataset over sample directories (spec §1.1, §1.2): surface points with per-frame displacements,
-frame-0 voxel features, one canonical view and the deformation views, with the published image processing
-(3×3-blurred alpha, white background; utils/images.py).
+"""The VAE training dataset over sample directories (docs/published_system.md §1.1, §1.2): surface points with
+per-frame displacements, frame-0 voxel features, one canonical view and the deformation views, with the published
+image processing (3×3-blurred alpha, white background; utils/images.py).
 
 Randomness comes from (seed, epoch, index), so an epoch is reproducible whatever the worker count, and resuming at a
 data position gives the same samples. An unreadable sample is skipped with a warning: the item of the next readable
@@ -89,7 +89,7 @@ class VAEDataset(Dataset):
             raise ValueError(f"{root}: {len(static)} surface points, {self.num_points} needed")
         moving = static[None] + deltas[: self.num_timesteps]
         points = torch.from_numpy(rng.permutation(len(static))[: self.num_points])
-        # The canonical frame is frame 0 (spec §1.1): deltas are re-based on it whatever the stored static points are.
+        # The canonical frame is frame 0 (published §1.1): deltas are re-based on it whatever the stored static points are.
         static_pc = moving[0, points]
         if self.train and self.sample_timesteps < self.num_timesteps:
             frames = np.sort(rng.choice(self.num_timesteps, self.sample_timesteps, replace=False))

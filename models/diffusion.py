@@ -1,4 +1,5 @@
-"""Gaussian diffusion over motion latents: the cosine schedule, v-prediction and the training loss (spec §5.1).
+"""Gaussian diffusion over motion latents: the cosine schedule, v-prediction and the training loss
+(docs/published_system.md §5.1).
 
 x_t = sqrt(acp_t) x0 + sqrt(1 - acp_t) eps, the network predicts v = sqrt(acp_t) eps - sqrt(1 - acp_t) x0.
 The schedule arrays are float64 (as published); coefficients are gathered at t in float64 and cast to float32

@@ -1,4 +1,5 @@
-"""The temporal diffusion transformer (spec §5.2-5.3): v-prediction over normalised motion latents (B, T, N, C).
+"""The temporal diffusion transformer (docs/published_system.md §5.2-5.3): v-prediction over normalised motion latents
+(B, T, N, C).
 
 Each of the N latent tokens sits on one of the N FPS anchors of the canonical Gaussians; its xyz gives an absolute
 position embedding. Frames carry no position embedding: they are told apart by their image tokens, so any T works.
@@ -8,7 +9,7 @@ A block runs, in order:
   3. cross-attention to that frame's image tokens                  (affine LayerNorm, no gate)
   4. cross-attention to the static condition (canonical Gaussians) (affine LayerNorm, no gate)
   5. MLP                                                           (adaLN: shift, scale, gate)
-The diffusion time is the only adaLN signal. Parameter names equal the published checkpoint's (spec §9.1).
+The diffusion time is the only adaLN signal. Parameter names equal the published checkpoint's (published §9.1).
 """
 from __future__ import annotations
 
@@ -133,7 +134,7 @@ class DiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """Spec §5.3: xavier-uniform linears with zero bias; N(0, 0.02) time MLP and condition projections; zero adaLN
+        """Published §5.3: xavier-uniform linears with zero bias; N(0, 0.02) time MLP and condition projections; zero adaLN
         and output layers, so an untrained model predicts v = 0."""
         for m in self.modules():
             if isinstance(m, nn.Linear):

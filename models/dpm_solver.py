@@ -1,4 +1,5 @@
-"""DPM-Solver++ (data prediction) for the v-prediction motion DiT, over the discrete cosine schedule (spec §6.4).
+"""DPM-Solver++ (data prediction) for the v-prediction motion DiT, over the discrete cosine schedule
+(docs/published_system.md §6.4).
 
 Continuous time t in (0, 1] indexes the 1000-step discrete schedule the way the published sampler does:
   * log alpha_i = 0.5 * cumsum(log(1 - beta)) in float64, entries with lambda = log(alpha/sigma) < -5.1 dropped
@@ -6,7 +7,7 @@ Continuous time t in (0, 1] indexes the 1000-step discrete schedule the way the 
   * time grid t_i = linspace(0, 1, N + 1)[1:] (made in float32), log alpha(t) piecewise linear in t,
     extrapolated linearly outside the grid; sigma = sqrt(1 - alpha^2), lambda = log alpha - log sigma;
   * the network sees t_in = (t - 1/N) * 1000, a slight 1000/996 stretch inherited from upstream DPM-Solver.
-The v output becomes eps = alpha v + sigma x, classifier-free guidance combines eps (spec §5.4), and the solver
+The v output becomes eps = alpha v + sigma x, classifier-free guidance combines eps (published §5.4), and the solver
 steps on x0 = (x - sigma eps) / alpha. Everything runs in the dtype of the schedule and of x_T.
 
 Entry point: `sample(model, x_T, cond, SamplerConfig(...)) -> (x, stats)`; `model(x, t_in, **cond) -> v` with
@@ -85,7 +86,7 @@ def cosine_schedule(steps: int = 1000, dtype: torch.dtype = torch.float32) -> Di
 
 
 class GuidedDataPredictor:
-    """x0(x, t) from a v-prediction model with the two-scale classifier-free guidance of spec §5.4.
+    """x0(x, t) from a v-prediction model with the two-scale classifier-free guidance of published §5.4.
 
     eps = eps_fu + s1 (eps_u - eps_fu) + s2 (eps_c - eps_u), where fu zeroes cond_images and static_latent, u
     zeroes cond_images and c is the given condition. Only the passes the formula needs are made (s1 = s2 = 1: c;
@@ -260,11 +261,11 @@ class SamplerConfig:
     order: int = 2                    # multistep: 1 or 2; adaptive: 2 (DPM-Solver-12)
     skip_type: str = "time_uniform"   # time grid of multistep / ddim: one of SKIP_TYPES
     lower_order_final: bool = True    # multistep with steps < 10: drop the order on the last steps (upstream)
-    guidance_scale: float = 1.0       # CFG s1, s2 (spec §5.4); 1, 1 = a single conditional pass
+    guidance_scale: float = 1.0       # CFG s1, s2 (published §5.4); 1, 1 = a single conditional pass
     guidance_scale2: float = 1.0
     t_start: float = 1.0              # 0 < t_end < t_start <= 1
     t_end: float = 1e-3
-    atol: float = 0.0078              # adaptive error control (spec §6.4 step 5)
+    atol: float = 0.0078              # adaptive error control (published §6.4 step 5)
     rtol: float = 0.05
     h_init: float = 0.05
     theta: float = 0.9

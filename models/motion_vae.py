@@ -1,5 +1,6 @@
-"""The variation-field VAE (spec §2): per-frame mesh motion -> 512 latent tokens anchored on canonical Gaussians ->
-a 14-d variation Δ for every canonical Gaussian in every frame. There is no mixing across frames: T is only a batch axis.
+"""The variation-field VAE (docs/published_system.md §2): per-frame mesh motion -> 512 latent tokens anchored on
+canonical Gaussians -> a 14-d variation Δ for every canonical Gaussian in every frame. There is no mixing across frames:
+T is only a batch axis.
 
 Encode (per frame t):
   anchors   = FPS(canonical Gaussians' xyz, 512)                                    (fixed count, seedable start)
@@ -10,7 +11,7 @@ Decode:
   x         = proj(z), then `depth` blocks of latent self-attention and feed-forward (DropPath 0.1)
   Δ(g, t)   = to_outputs(CrossAttn(LN(embed_gs(g) + PE(g.xyz)), LN x_t)) for every canonical Gaussian g (no residual)
 
-Parameter names equal the published checkpoint's (spec §9.2), including the float64 buffer `position_encoding.0.omega`.
+Parameter names equal the published checkpoint's (published §9.2), including the float64 buffer `position_encoding.0.omega`.
 """
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ class Encoded:
     delta_interp: torch.Tensor  # (B, T, L, 3) interpolated displacements at the anchors
 
     def kl(self) -> torch.Tensor:
-        """(B, T): the KL averaged over tokens and channels, as published (spec §2.2)."""
+        """(B, T): the KL averaged over tokens and channels, as published (published §2.2)."""
         return self.posterior.kl(dims=(-2, -1))
 
 
@@ -141,7 +142,8 @@ class MotionVAE(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """Spec §2.1: truncated-normal(0.02) linears with zero bias; `to_outputs` zero, so the initial Δ is exactly 0."""
+        """Published §2.1: truncated-normal(0.02) linears with zero bias; `to_outputs` zero, so the initial Δ is
+        exactly 0."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)

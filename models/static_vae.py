@@ -1,14 +1,15 @@
-"""The static (structured-latent) VAE, spec §3: frame-0 voxels carrying image features -> 8-channel latents per voxel
--> 112 channels per voxel -> 8 Gaussians per voxel, the canonical Gaussians every animation deforms.
+"""The static (structured-latent) VAE, docs/published_system.md §3: frame-0 voxels carrying image features ->
+8-channel latents per voxel -> 112 channels per voxel -> 8 Gaussians per voxel, the canonical Gaussians every animation
+deforms.
 
 Network (the TRELLIS SLat VAE with a Gaussian decoder):
   encode: h = input_layer(feats) + APE(ijk) -> encoder blocks -> LayerNorm -> to_latent -> (mean, logvar)
   decode: h = from_latent(z) + APE(ijk)     -> decoder blocks -> LayerNorm -> out_layer (112)
   block:  h += SwinAttn(LN h) (windows of 8³, shifted by 4 on odd blocks); h += MLP(LN h)
-Gaussians (spec §3.2): per voxel and Gaussian g, position = voxel centre + tanh(raw + P_g)·(voxel_size/2)/resolution,
+Gaussians (published §3.2): per voxel and Gaussian g, position = voxel centre + tanh(raw + P_g)·(voxel_size/2)/resolution,
 where P_g places g at its Hammersley point inside the voxel when raw = 0; the other channels go through the MipGS
 activations of utils/gaussians.py after their learning-rate multipliers.
-Parameter names equal the published checkpoint's (spec §9.3), including the buffer `MipGS_perturbation`.
+Parameter names equal the published checkpoint's (published §9.3), including the buffer `MipGS_perturbation`.
 """
 from __future__ import annotations
 

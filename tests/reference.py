@@ -1,8 +1,8 @@
 """The team's reference material for tests: golden outputs of the published modules and the published
 state-dict manifests (statedict_*.json).
 
-They are read from ../shared/reference beside the checkout (the team's copy, as the issues ask); a checkout
-without it falls back to the identical copy vendored in tests/data/reference, so every machine runs these tests.
+They are read from a folder `shared/reference` beside the checkout when there is one (the team's working copy);
+any other checkout uses the copy vendored in tests/data/reference, so every machine runs these tests.
 """
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """utils/checkpoint.py and scripts/convert_checkpoint.py.
 
-Expected keys, shapes and dtypes come from the published state-dict manifests (reference/statedict_*.json) and from
-the spec (§6.2, §9), never from the code under test. Manifest tensors larger than 1024 values are shrunk (every dim
-capped at 8) to keep the tests fast; keys, ranks, dtypes and all small tensors (omega, gammas, biases of 512) are exact.
+Expected keys, shapes and dtypes come from the published state-dict manifests (tests/data/reference/statedict_*.json)
+and from docs/published_system.md §6.2 and §9, never from the code under test. Manifest tensors larger than 1024 values
+are shrunk (every dim capped at 8) to keep the tests fast; keys, ranks, dtypes and all small tensors (omega, gammas,
+biases of 512) are exact.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from utils.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ["dit", "motion_vae", "static_vae"]
-# Independently known (spec §9): entry counts and the single non-float32 entry.
+# Independently known (published §9): entry counts and the single non-float32 entry.
 ENTRIES = {"dit": 446, "motion_vae": 121, "static_vae": 201}
 OMEGA = "position_encoding.0.omega"
 
@@ -363,7 +364,7 @@ def test_converter_cli_end_to_end(tmp_path):
     got, config, extra = load_checkpoint(tmp_path / "mv.safetensors")
     assert_same(got, sd)
     assert config == load_config(ROOT / "configs" / "diffusion.yml")["motion_vae"].to_dict()
-    assert (config["dim"], config["latent_dim"], config["num_latents"]) == (768, 16, 512)  # spec §2
+    assert (config["dim"], config["latent_dim"], config["num_latents"]) == (768, 16, 512)  # published §2
     assert extra["kind"] == "motion_vae" and extra["source"] == "ema_deformation.pt"
 
     res = run_cli(tmp_path / "mv.safetensors", tmp_path / "mv.pt", "--reverse", "--module-prefix", "--no-validate")
@@ -408,7 +409,7 @@ def test_converter_sections_per_kind(tmp_path):
         assert extra["config_section"] == section
         if probe:
             assert config[probe[0]] == probe[1]
-        else:  # spec §3.2: 8 Gaussians x 14 channels
+        else:  # published §3.2: 8 Gaussians x 14 channels
             assert config["backbones"]["vae"]["args"]["out_channels"] == 112
 
 

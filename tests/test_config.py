@@ -1,5 +1,5 @@
-"""utils/config.py and the shipped configs. Expected numbers are written out here from the spec, never read back
-from the code under test."""
+"""utils/config.py and the shipped configs. Expected numbers are written out here from docs/published_system.md, never
+read back from the code under test."""
 import copy
 import pickle
 from pathlib import Path
@@ -31,7 +31,7 @@ def key_paths(d, prefix=""):
 # ---------------------------------------------------------------------------------------------- paper configs
 
 def test_paper_motion_vae_values():
-    m = load_config(CONFIGS / "vae.yml").model  # spec §2
+    m = load_config(CONFIGS / "vae.yml").model  # docs/published_system.md §2
     assert (m.depth, m.dim, m.queries_dim, m.heads, m.dim_head) == (12, 768, 768, 12, -1)
     assert (m.num_inputs, m.num_latents, m.latent_dim, m.output_dim) == (8192, 512, 16, 14)
     assert (m.input_dim, m.gs_dim, m.chunk_size, m.knn_k, m.beta, m.drop_path) == (3, 14, 8192, 8, 7.0, 0.1)
@@ -39,7 +39,7 @@ def test_paper_motion_vae_values():
 
 
 def test_paper_static_vae_values():
-    s = load_config(CONFIGS / "vae.yml").static_vae  # spec §3
+    s = load_config(CONFIGS / "vae.yml").static_vae  # published §3
     assert s.backbones.vae.name == "SparseTransformerVAE" and s.framework.name == "SparseVAE"
     a = s.backbones.vae.args
     assert (a.resolution, a.in_channels, a.model_channels, a.latent_channels) == (64, 1024, 768, 8)
@@ -72,7 +72,7 @@ def test_static_vae_block_has_the_published_key_names():
 
 def test_paper_vae_training_values():
     cfg = load_config(CONFIGS / "vae.yml")
-    t = cfg.train  # spec §4.1 README command
+    t = cfg.train  # published §4.1 README command
     assert (t.batch_size, t.grad_accum, t.lr, t.weight_decay, t.static_lr_scale) == (2, 2, 5e-5, 0.0, 0.1)
     assert (t.kl_weight, t.xyz_weight, t.l1_weight, t.lpips_weight, t.ssim_weight) == (1e-6, 1.0, 1.0, 0.2, 0.2)
     assert (t.static_vae_steps, t.warmup_steps, t.grad_clip, t.ema_rate) == (150000, 1000, 1.0, 0.9999)
@@ -83,7 +83,7 @@ def test_paper_vae_training_values():
 
 
 def test_paper_dit_values():
-    m = load_config(CONFIGS / "diffusion.yml").model  # spec §5
+    m = load_config(CONFIGS / "diffusion.yml").model  # published §5
     assert (m.in_channels, m.out_channels, m.model_channels, m.num_blocks) == (16, 16, 512, 12)
     assert (m.num_heads, m.num_head_channels, m.mlp_ratio, m.resolution) == (16, 32, 4, 512)
     assert (m.image_cond_channels, m.static_cond_channels, m.pe_mode, m.patch_size) == (1024, 14, "ape", 1)
@@ -101,7 +101,7 @@ def test_dit_block_has_the_published_key_names():
 
 
 def test_paper_diffusion_block_equals_the_published_one():
-    d = load_config(CONFIGS / "diffusion.yml").diffusion  # golden README `diffusion` config, spec §5.1
+    d = load_config(CONFIGS / "diffusion.yml").diffusion  # golden README `diffusion` config, published §5.1
     assert d.to_dict() == {"learn_sigma": False, "noise_schedule": "cosine", "predict_type": "v",
                            "predict_xstart": False, "rescale_learned_sigmas": True, "rescale_timesteps": True,
                            "sigma_small": False, "steps": 1000, "use_kl": False}
@@ -109,10 +109,10 @@ def test_paper_diffusion_block_equals_the_published_one():
 
 def test_paper_diffusion_training_and_sampling_values():
     cfg = load_config(CONFIGS / "diffusion.yml")
-    t = cfg.train  # spec §4.2
+    t = cfg.train  # published §4.2
     assert (t.batch_size, t.grad_accum, t.lr, t.weight_decay, t.uncond_p) == (2, 2, 5e-5, 0.0, 0.1)
     assert (t.sample_timesteps, t.warmup_steps, t.grad_clip, t.ema_rate) == (24, 1000, 1.0, 0.9999)
-    s = cfg.sampling  # spec §6
+    s = cfg.sampling  # published §6
     assert (s.algorithm_type, s.order, s.skip_type, s.t_start, s.t_end) == ("dpmsolver++", 2, "time_uniform", 1.0, 1e-3)
     assert s.method in ("adaptive", "multistep") and s.steps <= 25
     assert (s.atol, s.rtol, s.guidance_scale, s.guidance_scale2) == (0.0078, 0.05, 1.0, 1.0)

@@ -1,5 +1,5 @@
 """models/diffusion.py (and the continuous-time schedule of models/dpm_solver.py) against the golden `diffusion`
-case of the published code, the spec's sample values (§5.1) and analytic identities."""
+case of the published code, the sample values of docs/published_system.md §5.1 and analytic identities."""
 import math
 
 import pytest

@@ -1,4 +1,5 @@
-"""encode_latent.py: the spec §7 latent dict, image tokens, statistics, skipping finished objects, failures by name."""
+"""encode_latent.py: the latent dict of docs/published_system.md §7, image tokens, statistics, skipping finished
+objects, failures by name."""
 import shutil
 
 import numpy as np

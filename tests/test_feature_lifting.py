@@ -1,5 +1,5 @@
 """Voxelisation and feature lifting, against hand-derived voxel sets, an independent clipping test, and
-feature maps that encode 3D position (spec §1.4)."""
+feature maps that encode 3D position (docs/published_system.md §1.4)."""
 import itertools
 
 import numpy as np
@@ -206,7 +206,7 @@ def test_lift_chunking_invariance_and_unseen_voxels():
 
 
 def test_lift_constant_maps_onto_a_voxelised_mesh():
-    """The render-free part of spec §1.4 (as data_rendering/prepare_vae_data.py composes it): constant maps lift to
+    """The render-free part of published §1.4 (as data_rendering/prepare_vae_data.py composes it): constant maps lift to
     the same constant on every surface voxel."""
     sphere = trimesh.creation.icosphere(subdivisions=2, radius=0.3)
     ext, K = C.published_views(10, generator=torch.Generator().manual_seed(1))

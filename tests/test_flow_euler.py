@@ -1,4 +1,4 @@
-"""FlowEuler sampler (trellis_spec.md §9): golden trellis_flow_euler, first-order convergence, guidance interval, grid."""
+"""FlowEuler sampler (docs/trellis.md §9): golden trellis_flow_euler, first-order convergence, guidance interval, grid."""
 import argparse
 import math
 from fractions import Fraction

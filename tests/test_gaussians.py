@@ -20,7 +20,8 @@ def _softplus(x):
 
 
 def test_activations_follow_mipgs_formulas():
-    # Zero raw outputs of the static VAE: opacity 0.1, scale sqrt(0.004² + 0.0009²) ≈ 0.0041, identity rotation (spec §3.2).
+    # Zero raw outputs of the static VAE: opacity 0.1, scale sqrt(0.004² + 0.0009²) ≈ 0.0041, identity rotation
+    # (docs/published_system.md §3.2).
     zero = torch.zeros(5, 3, dtype=torch.float64)
     g = Gaussians.from_raw(zero, zero, zero[:, :1], zero, torch.zeros(5, 4, dtype=torch.float64))
     assert torch.allclose(g.opacity, torch.full((5, 1), 0.1, dtype=torch.float64), atol=1e-15)
@@ -66,7 +67,7 @@ def test_apply_delta_uses_the_delta_layout_batched_over_frames():
     d = delta.numpy()
     xyz, fdc = canon.xyz.numpy()[:, None], canon.f_dc.numpy()[:, None]
     o, s, q = canon.opacity_logit.numpy()[:, None], canon.scale_pre.numpy()[:, None], canon.quat.numpy()[:, None]
-    # Spec §2.4 Δ layout: xyz 0:3, scale 3:6 (pre-activation), rotation 6:10, f_dc 10:13, opacity logit 13.
+    # Published §2.4 Δ layout: xyz 0:3, scale 3:6 (pre-activation), rotation 6:10, f_dc 10:13, opacity logit 13.
     np.testing.assert_allclose(frames.xyz.numpy(), xyz + d[..., 0:3], rtol=1e-14)
     np.testing.assert_allclose(frames.scale.numpy(), np.sqrt(_softplus(s + d[..., 3:6]) ** 2 + 0.0009**2), rtol=1e-12)
     qq = q + d[..., 6:10]

@@ -74,7 +74,7 @@ def test_end_to_end_shapes_counts_and_voxel_extent(nets):
     assert info["slat"].shape == (n, C)
     assert len(gs) == info["num_gaussians"] == 8 * n
     assert gs.xyz.shape == (8 * n, 3) and gs.quat.shape == (8 * n, 4)
-    assert info["nfe"] == {"ss": 22, "slat": 22}     # 12 steps, 10 of them guided (spec §9 table)
+    assert info["nfe"] == {"ss": 22, "slat": 22}     # 12 steps, 10 of them guided (docs/trellis.md §9, table)
     assert set(info["seconds"]) == {"ss_flow", "ss_decode", "slat_flow", "gs_decode"}
     assert all(torch.isfinite(t).all() for t in (gs.xyz, gs.f_dc, gs.opacity_logit, gs.scale_pre, gs.quat))
     # Gaussians are voxel-major: 8 per voxel, each within 0.75 voxel (voxel_size 1.5 / 2) of its voxel centre.
@@ -101,7 +101,7 @@ def test_seed_determinism(nets):
 
 
 def test_noise_draws_follow_spec(nets):
-    """§0/§9: manual_seed(seed), SS noise randn(1, 8, R³) then SLat noise randn(N, 8), both CPU; neg cond left to the
+    """trellis §0/§9: manual_seed(seed), SS noise randn(1, 8, R³) then SLat noise randn(N, 8), both CPU; neg cond left to the
     sampler (zeros)."""
     ss, sl = RecordingSampler(), RecordingSampler()
     cond = _cond()

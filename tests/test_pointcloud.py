@@ -41,7 +41,7 @@ def brute_knn(q, p, k, q_len, p_len):
 
 
 def naive_interp(anchors, static, moving, k, beta, a_len):
-    """The formula of spec §2.2 step 3, one anchor, neighbour and frame at a time, in float64."""
+    """The formula of docs/published_system.md §2.2 step 3, one anchor, neighbour and frame at a time, in float64."""
     anchors, static, moving = (np.asarray(x, np.float64) for x in (anchors, static, moving))
     B, M = anchors.shape[:2]
     T, N = moving.shape[1:3]

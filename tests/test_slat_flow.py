@@ -74,7 +74,7 @@ def test_fp16_torso_runs_and_stays_close_to_float32():
     with torch.no_grad():
         out = model.to(dev)(x.to(dev), tt.to(dev), cond.to(dev))
     assert out.feats.dtype == torch.float32
-    assert rel_err(out.feats, t["out.feats"]) <= 5e-3  # float16 activations: ~1e-3 relative rounding (§11)
+    assert rel_err(out.feats, t["out.feats"]) <= 5e-3  # float16 activations: ~1e-3 relative rounding (docs/trellis.md §11)
 
 
 # --- independent float64 check of the res block on a dense grid ----------------------------------------------------
@@ -92,7 +92,7 @@ def _read(g, coords):
 
 
 def _dense_res_block(blk, g, occ, emb, mode):
-    """§8 on dense grids: re-sample, norm1 → SiLU → conv1, norm2 · (1 + scale) + shift → SiLU → conv2, + skip."""
+    """trellis §8 on dense grids: re-sample, norm1 → SiLU → conv1, norm2 · (1 + scale) + shift → SiLU → conv2, + skip."""
     def ln(v, w=None, b=None):  # over channels (dim 1), eps 1e-6
         v = (v - v.mean(1, keepdim=True)) / torch.sqrt(v.var(1, unbiased=False, keepdim=True) + 1e-6)
         return v if w is None else v * w[:, None, None, None] + b[:, None, None, None]

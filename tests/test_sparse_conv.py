@@ -99,7 +99,7 @@ def test_parameter_layout_matches_released_state_dicts():
 
 
 def _loop_downsample(coords, feats):
-    """Spec §7 written out: sorted unique parents, sum of the children / (children + 1), nearest upsample."""
+    """docs/trellis.md §7 written out: sorted unique parents, sum of the children / (children + 1), nearest upsample."""
     parents = [(b, x // 2, y // 2, z // 2) for b, x, y, z in coords.tolist()]
     sites = sorted(set(parents))
     row = {s: r for r, s in enumerate(sites)}

@@ -34,7 +34,8 @@ def test_golden_ss_flow_forward_stage_by_stage():
 
 
 def test_recomputed_pos_emb_equals_the_stored_buffer():
-    """The published file's pos_emb (loaded, never recomputed) agrees with §4.2 up to float32 sin/cos rounding."""
+    """The published file's pos_emb (loaded, never recomputed) agrees with docs/trellis.md §4.2 up to float32 sin/cos
+    rounding."""
     _, meta = load_golden("trellis_ss_flow")
     fresh = SparseStructureFlowModel(**meta["config"]["model"]).pos_emb
     torch.testing.assert_close(fresh, load_golden_weights("trellis_ss_flow")["pos_emb"], rtol=0, atol=1e-5)
@@ -59,7 +60,7 @@ def test_fp16_torso_runs_and_stays_close_to_float32():
     with torch.no_grad():
         out16 = model16.to(dev)(*(a.to(dev) for a in args))
     assert out16.dtype == torch.float32
-    assert rel_err(out16, t["out.v"]) <= 5e-3  # float16 activations: ~1e-3 relative rounding (§11)
+    assert rel_err(out16, t["out.v"]) <= 5e-3  # float16 activations: ~1e-3 relative rounding (trellis §11)
 
 
 def test_patchify_layout_and_inverse():
@@ -71,9 +72,9 @@ def test_patchify_layout_and_inverse():
 
 
 def test_block_components_against_direct_float64_formulas():
-    """§4.1, §4.2 and §4.5 written out independently, in float64, with random weights."""
+    """trellis §4.1, §4.2 and §4.5 written out independently, in float64, with random weights."""
     g = torch.Generator().manual_seed(0)
-    # §4.1: [cos | sin] of t · exp(-ln(1e4) i / 128), through Linear -> SiLU -> Linear.
+    # trellis §4.1: [cos | sin] of t · exp(-ln(1e4) i / 128), through Linear -> SiLU -> Linear.
     temb = TimestepEmbedder(32).double()
     tt = torch.tensor([0.0, 3.5, 999.0], dtype=torch.float64)
     freqs = torch.tensor([math.exp(-math.log(10000) * i / 128) for i in range(128)], dtype=torch.float64)
@@ -82,13 +83,13 @@ def test_block_components_against_direct_float64_formulas():
     want = F.linear(F.silu(F.linear(sinus, m0.weight, m0.bias)), m2.weight, m2.bias)
     torch.testing.assert_close(temb(tt), want, rtol=0, atol=1e-4)  # the sinusoid is float32 as published
 
-    # §4.2: [sin x, cos x, sin y, cos y, sin z, cos z, 0...] with F = C // 6 frequencies 1e4^(-j/F).
+    # trellis §4.2: [sin x, cos x, sin y, cos y, sin z, cos z, 0...] with F = C // 6 frequencies 1e4^(-j/F).
     pe = AbsolutePositionEmbedder(1024, 3)(torch.tensor([[3.0, 0.0, 15.0]]))[0].double()
     w = torch.tensor([10000 ** (-j / 170) for j in range(170)], dtype=torch.float64)
     want = torch.cat([f(a * w) for a in (3.0, 0.0, 15.0) for f in (torch.sin, torch.cos)] + [torch.zeros(4)])
     torch.testing.assert_close(pe, want, rtol=0, atol=1e-5)
 
-    # §4.5: the modulated cross block by hand (explicit softmax attention, per-head RMS norm).
+    # trellis §4.5: the modulated cross block by hand (explicit softmax attention, per-head RMS norm).
     C, H, Cc, B, N, L = 48, 4, 24, 2, 7, 5
     D = C // H
     blk = ModulatedTransformerCrossBlock(C, Cc, H, mlp_ratio=2, qk_rms_norm=True).double()

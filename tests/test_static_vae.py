@@ -56,7 +56,7 @@ def test_trellis_names_map_onto_ours():
     manifest = load_manifest("static_vae")["state_dict"]
     ours_dec = {k: v for k, v in manifest.items() if k.startswith(("decoder.", "from_latent.", "out_layer.", "MipGS"))}
     trellis_dec = {}
-    for k, shape in ours_dec.items():  # the TRELLIS decoder names, written from the spec's mapping
+    for k, shape in ours_dec.items():  # the TRELLIS decoder names, written from the mapping of docs/trellis.md §10
         k = k.replace("decoder.", "blocks.", 1).replace("from_latent.", "input_layer.", 1)
         trellis_dec[k.replace("MipGS_perturbation", "offset_perturbation")] = shape
     assert map_trellis_slat(trellis_dec, "decoder") == ours_dec

@@ -1,4 +1,4 @@
-"""TRELLIS conditioning (trellis spec §2, §3): the crop/resize/premultiply recipe on synthetic images with known
+"""TRELLIS conditioning (docs/trellis.md §2, §3): the crop/resize/premultiply recipe on synthetic images with known
 geometry, the matting path for opaque images, and the condition tokens of a tiny random DINOv2-with-registers model
 against an independent computation from the model's own final-norm input. No downloads."""
 import numpy as np
@@ -103,7 +103,7 @@ def test_opaque_image_goes_through_threshold_matte(monkeypatch):
         trellis_preprocess(rgb, matting="alpha")
 
 
-# ----------------------------------------------------------------------------------------------- §3 condition
+# ----------------------------------------------------------------------------------------------- trellis §3 condition
 @pytest.fixture(scope="module")
 def tiny_dinov2(tmp_path_factory):
     folder = tmp_path_factory.mktemp("dinov2_tiny_trellis")

@@ -46,7 +46,7 @@ def test_items_follow_the_published_sampling(tmp_path):
     frames = item["frame_idx"]
     assert len(frames) == 2 and bool((frames[1:] > frames[:-1]).all())            # distinct, sorted
     moving = static[None] + deltas
-    # Points are a subset of the stored ones; deltas are re-based on frame 0 (spec §1.1).
+    # Points are a subset of the stored ones; deltas are re-based on frame 0 (docs/published_system.md §1.1).
     match = (item["static_pc"][:, None] == moving[0][None]).all(-1)
     rows = match.float().argmax(1)
     assert bool(match.any(1).all()) and len(set(rows.tolist())) == 32

@@ -1,4 +1,4 @@
-"""Cameras: the one place that fixes the project's camera conventions (DESIGN.md, "Cameras").
+"""Cameras: the one place that fixes the project's camera conventions (docs/architecture.md §3.2).
 
 World       the object normalised to a unit bounding box, centred at the origin, **Z up** (the Blender render frame).
 Extrinsics  OpenCV world→camera 4×4 ``[[R, t], [0, 1]]``: ``x_cam = R @ x_world + t``; the camera looks along +Z,
@@ -11,8 +11,8 @@ Pixels      ``fx_px = fx·W, cx_px = cx·W, fy_px = fy·H, cy_px = cy·H`` (pixe
 Angles are radians, except in the orbit helpers (:func:`orbit_cameras`, :func:`turntable`, :func:`orbit_position`),
 whose azimuth, elevation and fov are **degrees** because that is how views are talked about.
 
-Published data (spec §1.2, §1.9): Blender writes ``matrix_world`` (camera-to-world, camera looks −Z, +Y up) and
-``x_fov``; :func:`load_blender_camera` / :func:`blender_camera_json` read and write that layout.
+Published data (docs/published_system.md §1.2, §1.9): Blender writes ``matrix_world`` (camera-to-world, camera looks
+−Z, +Y up) and ``x_fov``; :func:`load_blender_camera` / :func:`blender_camera_json` read and write that layout.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from utils.camera_rig import (BLENDER_DEFAULT_FOV, POLAR_RANGE_DEG, PUBLISHED_DI
                               PUBLISHED_VIEW_NAMES, TRAIN_RADIUS)
 
 INFERENCE_FOV_DEG = 49.1
-"""Field of view in degrees of the published inference / alignment cameras (spec §6.3)."""
+"""Field of view in degrees of the published inference / alignment cameras (published §6.3)."""
 
 # Blender camera axes (X right, Y up, Z back) → OpenCV (X right, Y down, Z forward): negate columns 1 and 2.
 _GL_TO_CV = (1.0, -1.0, -1.0, 1.0)
@@ -85,7 +85,7 @@ def intrinsics_to_normalised(K_px: torch.Tensor, width, height) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------- extrinsics
 def extrinsics_from_blender(matrix_world) -> torch.Tensor:
     """Blender camera ``matrix_world`` (..., 4, 4; camera-to-world, camera looks −Z, +Y up) → OpenCV
-    world→camera extrinsics (..., 4, 4): negate rotation columns 1 and 2, then invert (spec §1.2)."""
+    world→camera extrinsics (..., 4, 4): negate rotation columns 1 and 2, then invert (published §1.2)."""
     (m,) = _tensors(matrix_world)
     return torch.linalg.inv(m * m.new_tensor(_GL_TO_CV))
 
@@ -173,7 +173,7 @@ def turntable(num_views: int, elevation=0.0, radius=TRAIN_RADIUS, fov=INFERENCE_
 # ----------------------------------------------------------------------------------------------- published views
 def published_view_positions(num_views: int, radius=TRAIN_RADIUS, generator: torch.Generator | None = None,
                              dtype=None) -> torch.Tensor:
-    """Camera positions (num_views, 3) of the published render views (spec §1.9).
+    """Camera positions (num_views, 3) of the published render views (published §1.9).
 
     Views 0..7 are fixed, in order front, back, left, right, front_right, front_left, back_left, back_right
     (e.g. front (0, −r, 0), front_right (r/√2, −r/√2, 0)); views ≥ 8 draw azimuth U[0°, 360°) and polar angle
@@ -220,7 +220,7 @@ def _bad(source, what):
 
 
 def load_blender_camera(source, width=None, height=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read one published camera JSON (spec §1.2): a path, or an already parsed dict.
+    """Read one published camera JSON (published §1.2): a path, or an already parsed dict.
 
     Uses ``matrix_world`` and ``x_fov`` only; ``fov_y`` comes from ``x_fov`` and ``width / height`` (square when
     not given), as the published loader does, so a stored ``y_fov`` is ignored.
@@ -262,7 +262,7 @@ def load_blender_camera(source, width=None, height=None) -> tuple[torch.Tensor, 
 
 
 def blender_camera_json(extrinsics, fov_x: float, width=None, height=None, bbox=None) -> dict:
-    """The published camera record (spec §1.2, Blender ``write_camera_metadata`` layout) for one camera.
+    """The published camera record (published §1.2, Blender ``write_camera_metadata`` layout) for one camera.
 
     extrinsics (4, 4) OpenCV world→camera; fov_x in radians; width/height give ``y_fov`` (square when omitted);
     bbox optional ``[[min xyz], [max xyz]]`` of the scene. Fields: ``matrix_world`` (Blender camera-to-world rows),

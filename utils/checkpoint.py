@@ -38,8 +38,8 @@ __all__ = ["CheckpointError", "load_published", "save_published", "save_checkpoi
 FORMAT = "gvfdiffusion-checkpoint"
 FORMAT_VERSION = "1"
 # Wrappers a published-style file may plausibly use around its state dict. The released GVFDiffusion files are bare
-# state dicts (spec §4.1); "state_dict" (Lightning and many trainers), "model" and "ema" (trainer snapshots) cover
-# the common re-saves. A file holding several of them is ambiguous and must name one with `key=`.
+# state dicts (docs/published_system.md §4); "state_dict" (Lightning and many trainers), "model" and "ema" (trainer
+# snapshots) cover the common re-saves. A file holding several of them is ambiguous and must name one with `key=`.
 WRAPPER_KEYS = ("state_dict", "model", "ema")
 MAX_LISTED = 20  # per group in a mismatch report; the counts are always complete
 
@@ -265,7 +265,7 @@ def load_state_dict_strict(module: nn.Module, state_dict: Mapping[str, torch.Ten
 
 
 def map_trellis_slat(state_dict: Mapping[str, torch.Tensor], part: str) -> dict[str, torch.Tensor]:
-    """TRELLIS structured-latent VAE names -> our static-VAE names (spec §6.4, statedict_static_vae.json note).
+    """TRELLIS structured-latent VAE names -> our static-VAE names (published §6.4 step 1, §9.3).
 
     part "decoder" (slat_dec_gs_*): input_layer -> from_latent, blocks.N -> decoder.N, out_layer kept (a 32-Gaussian
     decoder's 448-channel out_layer will not fit our 112 and must be dropped by the caller), offset_perturbation ->
@@ -302,7 +302,7 @@ def load_weights(module: nn.Module, path: str | os.PathLike, drop_mismatched: Se
     """Load weights of either format strictly into `module`; returns the keys that were left at their initial values.
 
     `drop_mismatched` names keys that may be skipped when their shape differs from the module's (all of them together:
-    if any one differs, every listed key is dropped). This is the static-VAE initialisation of spec §3.5: a TRELLIS
+    if any one differs, every listed key is dropped). This is the static-VAE initialisation of published §3.5: a TRELLIS
     SLat decoder has a 448-channel (32 Gaussians) out_layer and its own perturbation, which our 8-Gaussian model
     replaces by a fresh zero-initialised 112-channel out_layer and its own Hammersley offsets.
     """
@@ -320,10 +320,10 @@ def load_weights(module: nn.Module, path: str | os.PathLike, drop_mismatched: Se
 # ---------------------------------------------------------------------------------------------- TRELLIS release
 
 TRELLIS_REPO = "JeffreyXiang/TRELLIS-image-large"
-# The models GVFDiffusion uses from the release (official spec §6.4): the GS decoder is replaced by the GVF static VAE
+# The models GVFDiffusion uses from the release (published §6.4 step 1): the GS decoder is replaced by the GVF static VAE
 # and the mesh/RF decoders produce nothing that is used, so their files are never read or downloaded.
 TRELLIS_GS_MODELS = ("sparse_structure_flow_model", "sparse_structure_decoder", "slat_flow_model")
-# The released pipeline.json's paths (trellis spec §1); used only to name the files in an error when pipeline.json
+# The released pipeline.json's paths (docs/trellis.md §1); used only to name the files in an error when pipeline.json
 # itself cannot be had, so the user knows exactly what to fetch.
 _TRELLIS_KNOWN_CKPTS = {"sparse_structure_flow_model": "ckpts/ss_flow_img_dit_L_16l8_fp16",
                         "sparse_structure_decoder": "ckpts/ss_dec_conv3d_16l8_fp16",
@@ -431,7 +431,7 @@ def _read_pipeline(src: _Release, models: Sequence[str]) -> tuple[dict, dict[str
 
 def read_trellis_release(folder_or_repo: str | os.PathLike = TRELLIS_REPO, models: Sequence[str] = TRELLIS_GS_MODELS,
                          hub: bool = True) -> dict[str, tuple[str, dict, dict[str, torch.Tensor]]]:
-    """{model name: (class name, constructor args, state dict)} of a released TRELLIS pipeline (trellis spec §1).
+    """{model name: (class name, constructor args, state dict)} of a released TRELLIS pipeline (trellis §1).
 
     pipeline.json's args.models maps each name to `ckpts/<ckpt>`; `ckpts/<ckpt>.json` is {"name": class, "args": {...}}
     and `ckpts/<ckpt>.safetensors` the weights (float16 torsos, the rest float32; read as stored). `folder_or_repo` is

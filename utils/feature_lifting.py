@@ -1,4 +1,5 @@
-"""Voxel features lifted from multi-view image features (spec §1.4; the published code for this step is missing).
+"""Voxel features lifted from multi-view image features (docs/published_system.md §1.4; the published code for this
+step is missing).
 
 Grid: ``resolution³`` voxels tiling the box [−0.5, 0.5]³ (world units, Z up, utils/cameras.py), voxel size
 ``1 / resolution``; voxel (i, j, k) covers ``[i, i+1]·s − 0.5`` along x (likewise y, z), centre

@@ -1,17 +1,17 @@
 """Gaussian sets: parameters, MipGS activations, the two 14-d layouts, per-frame variations, PLY files.
 
-A `Gaussians` holds pre-activation parameters with the MipGS biases already added (spec §3.2):
+A `Gaussians` holds pre-activation parameters with the MipGS biases already added (docs/published_system.md §3.2):
 
     opacity  = sigmoid(opacity_logit)                      opacity_logit = raw + logit(0.1)
     scale    = sqrt(softplus(scale_pre)^2 + FILTER_3D^2)    scale_pre     = raw + softplus^-1(0.004)
     rotation = quat / |quat|   (w, x, y, z)                 quat          = raw + (1, 0, 0, 0)
     colour   = 0.5 + SH_C0 * f_dc                           (SH degree 0)
 
-Keeping the biases inside the stored values makes a per-frame variation a plain sum (spec §2.4, Δ layout)
+Keeping the biases inside the stored values makes a per-frame variation a plain sum (published §2.4, Δ layout)
 and lets the standard 3DGS PLY fields `opacity` and `rot_*` hold our values exactly. Every tensor may
 carry leading batch dimensions (..., N, C); all methods broadcast over them.
 
-The two 14-d layouts of spec §2.4 differ and both live here:
+The two 14-d layouts of published §2.4 differ and both live here:
     condition (activated): xyz 0:3 | f_dc 3:6 | opacity 6 | scale 7:10 | quaternion 10:14
     delta Δ (pre-activation offsets): xyz 0:3 | scale 3:6 | quaternion 6:10 | f_dc 10:13 | opacity logit 13
 """
@@ -77,7 +77,7 @@ class Gaussians:
     # construction ----------------------------------------------------------------------------------
     @classmethod
     def from_raw(cls, xyz, f_dc, opacity, scaling, rotation) -> "Gaussians":
-        """From the static VAE's raw outputs (spec §3.2, after lr multipliers): the biases are added here."""
+        """From the static VAE's raw outputs (published §3.2, after lr multipliers): the biases are added here."""
         identity = rotation.new_tensor(IDENTITY_QUAT)
         return cls(xyz, f_dc, opacity + OPACITY_LOGIT_BIAS, scaling + SCALE_PRE_BIAS, rotation + identity)
 
@@ -116,7 +116,7 @@ class Gaussians:
         return (0.5 + SH_C0 * self.f_dc).clamp_min(0.0)
 
     def to_condition(self) -> torch.Tensor:
-        """The activated 14-d layout (spec §2.4): xyz | f_dc | opacity | scale | quaternion."""
+        """The activated 14-d layout (published §2.4): xyz | f_dc | opacity | scale | quaternion."""
         return torch.cat([self.xyz, self.f_dc, self.opacity, self.scale, self.rotation], dim=-1)
 
     # per-frame variations ---------------------------------------------------------------------------

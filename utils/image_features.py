@@ -4,10 +4,10 @@
     tokens = extractor(images)            # images (T, 3, H, W) float in [0, 1] → (T, L, C) float32
     grid = extractor.patch_grid(images)   # (T, C, g, g): the same patch tokens as an image-shaped map
 
-Token layout (spec §1.7): the g×g patch tokens in row-major order (token ``r·g + c`` is image row r, column c),
-then the CLS token LAST, so L = g² + 1; for DINOv2 ViT-L/14-reg at 518²: (T, 1370, 1024), g = 37.
+Token layout (docs/published_system.md §1.7): the g×g patch tokens in row-major order (token ``r·g + c`` is image row
+r, column c), then the CLS token LAST, so L = g² + 1; for DINOv2 ViT-L/14-reg at 518²: (T, 1370, 1024), g = 37.
 Images must already be composited on the background the caller chose (the published training features use
-black, in-the-wild inputs white: spec §10.5). Inputs of another size are resized to ``image_size²`` (bicubic,
+black, in-the-wild inputs white: published §10.5). Inputs of another size are resized to ``image_size²`` (bicubic,
 antialiased; non-square inputs are stretched, as the published resize does; the published training script
 resized with PIL LANCZOS, a small difference).
 
@@ -129,12 +129,12 @@ class DinoV2Extractor(ImageFeatureExtractor):
 
     @torch.no_grad()
     def trellis_condition(self, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-        """TRELLIS's image condition (spec §3): images (B, 3, H, W) in [0, 1], the object premultiplied on black
+        """TRELLIS's image condition (docs/trellis.md §3): images (B, 3, H, W) in [0, 1], the object premultiplied on black
         (pipeline.matting.trellis_preprocess) → (B, 1 + registers + g², C) float32; (B, 1374, 1024) at 518².
 
         All tokens in the model's own order [CLS, reg0..reg3, patches row-major], taken from x_prenorm (block N's
         output, before DINOv2's final LayerNorm) and normalised by layer_norm over channels WITHOUT affine and with
-        eps 1e-5: the published pipeline ignores the model's final norm and its weights (spec §13 trap 1). The
+        eps 1e-5: the published pipeline ignores the model's final norm and its weights (trellis §13.1). The
         unconditional branch is zeros of the same shape. Uses this extractor's model: no second copy is loaded.
         """
         images = self._check(images)

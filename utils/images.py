@@ -1,5 +1,5 @@
 """Image and voxel helpers shared by training data and inference: RGBA PNG loading, compositing on a background with
-the published 3×3 alpha blur, and pooling voxel features onto a coarser grid (spec §1.1, §1.2)."""
+the published 3×3 alpha blur, and pooling voxel features onto a coarser grid (docs/published_system.md §1.1, §1.2)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,7 +31,7 @@ def composite(rgb: torch.Tensor, alpha: torch.Tensor, background: float = 1.0, b
 
 
 def pool_voxels(coords: torch.Tensor, feats: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Coarsen voxel coords by an integer factor, averaging the features of merged voxels (spec §1.1, load_feature)."""
+    """Coarsen voxel coords by an integer factor, averaging the features of merged voxels (published §1.1, load_feature)."""
     if factor == 1:
         return coords, feats
     coarse, inverse = torch.unique(torch.div(coords, factor, rounding_mode="floor"), dim=0, return_inverse=True)

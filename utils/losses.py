@@ -1,6 +1,7 @@
-"""Training losses (spec §3.4 and §4.1 phase 2): the motion VAE's geometry loss and the image losses L1, SSIM and LPIPS.
+"""Training losses (docs/published_system.md §3.4 and §4.1, phase 2): the motion VAE's geometry loss and the image
+losses L1, SSIM and LPIPS.
 
-The published trainer uses two LPIPS implementations (spec §10 item 11): the static loss calls the pip `lpips` package and
+The published trainer uses two LPIPS implementations (published §10.11): the static loss calls the pip `lpips` package and
 takes the batch mean; the motion loss calls an lpips-pytorch port that sums over layers and batch and divides by the batch.
 Both are VGG16 + LPIPS v0.1 heads on inputs mapped to [-1, 1], so both equal the batch mean of the per-image distance:
 `LPIPS` below is the one module for both, and `render_loss` takes that mean.
@@ -24,7 +25,7 @@ from utils.pointcloud import interpolate_displacements
 def mesh_guided_xyz_loss(pred_delta: torch.Tensor, gaussians_xyz: torch.Tensor, lengths: torch.Tensor,
                          static_pc: torch.Tensor, moving_pc: torch.Tensor, k: int = 8, beta: float = 7.0):
     """Masked L1 between the predicted xyz variation and the mesh displacement interpolated at every canonical Gaussian
-    (spec §4.1 phase 2, step 4; L1 as published, although the paper's text says L2).
+    (published §4.1 phase 2, step 4; L1 as published, although the paper's text says L2).
 
     pred_delta (B, T, Q, 14) in the Δ layout; gaussians_xyz (B, Q, 3) padded canonical positions with `lengths` (B,) valid
     rows; static_pc (B, N, 3), moving_pc (B, T, N, 3). Returns (loss, target (B, T, Q, 3), zero on padding); the loss is
@@ -80,7 +81,7 @@ def _ssim_map(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float =
 
 def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5,
          c1: float = 0.01 ** 2, c2: float = 0.03 ** 2, reduction: str = "mean") -> torch.Tensor:
-    """Gaussian-window SSIM of (B, C, H, W) images in [0, 1] (spec §3.4: 11×11, σ 1.5, C1 = 0.01², C2 = 0.03²).
+    """Gaussian-window SSIM of (B, C, H, W) images in [0, 1] (published §3.4: 11×11, σ 1.5, C1 = 0.01², C2 = 0.03²).
 
     reduction 'mean': one scalar over batch, channels and pixels (as published); 'none': (B,) per-image means.
     """
@@ -94,7 +95,8 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5,
 
 def render_loss(pred: torch.Tensor, gt: torch.Tensor, lpips: "LPIPS | None" = None,
                 l1_w: float = 1.0, ssim_w: float = 0.2, lpips_w: float = 0.2):
-    """`l1_w·L1 + ssim_w·(1 − SSIM) + lpips_w·mean LPIPS` on (B, 3, H, W) renders and targets in [0, 1] (spec §3.4, §4.1).
+    """`l1_w·L1 + ssim_w·(1 − SSIM) + lpips_w·mean LPIPS` on (B, 3, H, W) renders and targets in [0, 1]
+    (published §3.4, §4.1).
 
     The LPIPS term is left out when `lpips` is None (weights unavailable, see `load_lpips`) or lpips_w is 0.
     Returns (loss, terms): terms holds the detached unweighted 'l1', 'ssim' and, when used, 'lpips' values.

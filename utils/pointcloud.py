@@ -1,5 +1,5 @@
 """Point-cloud primitives: farthest point sampling, exact KNN, and the motion VAE's
-mesh-guided displacement interpolation (spec §2.2 step 3, §4.1 phase-2 step 4).
+mesh-guided displacement interpolation (docs/published_system.md §2.2 step 3, §4.1 phase-2 step 4).
 
 Pure PyTorch on any device (replaces torch_cluster.fps and pytorch3d.knn_points).
 Batches are padded: a `lengths` tensor (B,) gives the valid rows of each element, the rows
@@ -133,7 +133,7 @@ def knn(query: torch.Tensor, points: torch.Tensor, k: int, query_lengths=None, p
 def interpolate_displacements(anchors: torch.Tensor, static_pc: torch.Tensor, moving_pc: torch.Tensor,
                               k: int = 8, beta: float = 7.0, anchor_lengths=None, point_lengths=None,
                               chunk_size: int | None = None) -> torch.Tensor:
-    """Mesh-guided KNN interpolation of point displacements onto anchors (spec §2.2 step 3).
+    """Mesh-guided KNN interpolation of point displacements onto anchors (published §2.2 step 3).
 
     anchors: (B, M, 3) positions (e.g. Gaussian centres); static_pc: (B, N, 3) canonical mesh
     points; moving_pc: (B, T, N, 3) the same points per frame (static + delta).

@@ -22,7 +22,7 @@ The step_fn contract:
   {name: float or scalar tensor}, averaged over micro-steps and log_interval and written as `train/<name>`.
 - It never calls backward, optimiser steps or zero_grad, and every rank runs the same forwards (DDP).
 
-What the loop owns, fixing the published trainers (spec §10.8-9):
+What the loop owns, fixing the published trainers (docs/published_system.md §10.8-9):
 - `step` counts optimiser steps: one step = grad_accum micro-batches per process. Warm-up, EMA, logging and
   checkpoints are functions of it, never of micro-steps or of the process count. An optimiser whose parameters get no
   gradient in a step (a model a training phase does not use) is not stepped; `warmup_start={name: step}` starts its
@@ -194,7 +194,7 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
     """LR multiplier of optimiser step `step` (0-based): (step + 1) / warmup_steps, capped at 1.
 
     A plain function of the optimiser step, so the ramp is the same at any process count or accumulation (the
-    published scheduler ticked num_processes times per step, spec §10.9). The first update already uses a non-zero LR.
+    published scheduler ticked num_processes times per step, published §10.9). The first update already uses a non-zero LR.
     """
     if warmup_steps <= 0:
         return 1.0

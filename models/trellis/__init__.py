@@ -1,1 +1,1 @@
-"""TRELLIS image-to-3D canonical stage in plain PyTorch (spec: shared/reference/trellis_spec.md)."""
+"""TRELLIS image-to-3D canonical stage in plain PyTorch (specified in docs/trellis.md)."""

@@ -1,16 +1,16 @@
-"""Shared building blocks of the TRELLIS flow transformers (trellis_spec.md §4), on (B, N, C) token tensors.
+"""Shared building blocks of the TRELLIS flow transformers (docs/trellis.md §4), on (B, N, C) token tensors.
 
 Most pieces already exist in the project with exactly the TRELLIS numerics and parameter names, so they are re-exported
-rather than re-implemented (checked against §4.1-4.4, and by tests/test_ss_flow.py):
-- §4.1 `TimestepEmbedder` (models.dit): [cos | sin] float32 sinusoid of 256 channels, f_i = exp(-ln(1e4) i / 128),
+rather than re-implemented (checked against trellis §4.1-4.4, and by tests/test_ss_flow.py):
+- trellis §4.1 `TimestepEmbedder` (models.dit): [cos | sin] float32 sinusoid of 256 channels, f_i = exp(-ln(1e4) i / 128),
   then `mlp.0` Linear(256, C) -> SiLU -> `mlp.2` Linear(C, C).
-- §4.2 `AbsolutePositionEmbedder` (models.layers): F = C // 3 // 2 float32 frequencies 1e4^(-j/F), per axis
+- trellis §4.2 `AbsolutePositionEmbedder` (models.layers): F = C // 3 // 2 float32 frequencies 1e4^(-j/F), per axis
   [sin | cos], axes x, y, z, zero-padded to C (1020 + 4 zeros at C = 1024). Same layout as the static VAE's.
-- §4.3 `LayerNorm32` (models.layers): LayerNorm in float32, cast back.
-- §4.4 `SelfAttention` (`to_qkv` split [q | k | v] x heads, `{q,k}_rms_norm.gamma` (H, D), `to_out`) and
+- trellis §4.3 `LayerNorm32` (models.layers): LayerNorm in float32, cast back.
+- trellis §4.4 `SelfAttention` (`to_qkv` split [q | k | v] x heads, `{q,k}_rms_norm.gamma` (H, D), `to_out`) and
   `CrossAttention` (`to_q`, `to_kv` split [k | v], `to_out`) from models.attention, through SDPA with scale 1/sqrt(D).
 - `FeedForward` (models.layers): `mlp.0` Linear(C, 4C) -> GELU(tanh) -> `mlp.2`.
-The only new piece is the modulated cross block of §4.5.
+The only new piece is the modulated cross block of trellis §4.5.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ __all__ = ["AbsolutePositionEmbedder", "LayerNorm32", "ModulatedTransformerCross
 
 
 class ModulatedTransformerCrossBlock(nn.Module):
-    """adaLN-modulated self-attention, ungated cross-attention to the image tokens, adaLN-modulated MLP (§4.5).
+    """adaLN-modulated self-attention, ungated cross-attention to the image tokens, adaLN-modulated MLP (trellis §4.5).
 
     Keys: norm2.{weight,bias}, self_attn.{to_qkv,to_out,q_rms_norm,k_rms_norm}, cross_attn.{to_q,to_kv,to_out},
     mlp.mlp.{0,2}, adaLN_modulation.1 (23,092,224 parameters at C = 1024, context 1024, mlp_ratio 4).

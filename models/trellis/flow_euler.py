@@ -1,4 +1,4 @@
-"""FlowEuler sampler of TRELLIS with classifier-free guidance and a guidance interval (trellis_spec.md §9).
+"""FlowEuler sampler of TRELLIS with classifier-free guidance and a guidance interval (docs/trellis.md §9).
 
 Flow convention (t = 1 is noise, t = 0 is data, sigma_min = 1e-5):
     x_t = (1 - t) x_0 + (sigma_min + (1 - sigma_min) t) eps,    v = (1 - sigma_min) eps - x_0.
@@ -32,7 +32,8 @@ from models.sparse import SparseVoxels
 
 Tensor = torch.Tensor
 
-# pipeline.json of TRELLIS-image-large (both stages); GVFDiffusion overrides only steps and cfg_strength (§9 table).
+# pipeline.json of TRELLIS-image-large (both stages); GVFDiffusion overrides only steps and cfg_strength
+# (trellis §9, table).
 PIPELINE_DEFAULTS: dict[str, Any] = dict(steps=25, cfg_strength=5.0, cfg_interval=(0.5, 1.0), rescale_t=3.0,
                                          sigma_min=1e-5)
 SS_DEFAULTS: dict[str, Any] = {**PIPELINE_DEFAULTS, "steps": 12, "cfg_strength": 7.5}    # sparse-structure flow

@@ -1,4 +1,5 @@
-"""TRELLIS image-to-3D canonical stage as GVFDiffusion runs it (trellis_spec.md §0, §9, §10; official_spec.md §6.4 step 1).
+"""TRELLIS image-to-3D canonical stage as GVFDiffusion runs it (docs/trellis.md §0, §9, §10;
+docs/published_system.md §6.4 step 1).
 
 cond tokens -> SS flow (FlowEuler, 12 steps, cfg 7.5) -> SS decoder -> occupancy coords (logits > 0)
             -> SLat flow on those coords (12 steps, cfg 3) -> slat · std + mean -> GVF static-VAE decoder
@@ -71,7 +72,7 @@ class ImageTo3D:
                  neg_cond: torch.Tensor | None = None) -> tuple[Gaussians, dict[str, Any]]:
         """cond_tokens (1, L, C) -> (Gaussians with 8·N entries in world [-0.5, 0.5]³, info).
 
-        neg_cond defaults to zeros (what the pipeline passes, §0 step 2; the sampler fills it in).
+        neg_cond defaults to zeros (what the pipeline passes, trellis §0 step 2; the sampler fills it in).
         info: num_voxels, num_gaussians, nfe {ss, slat}, seconds {ss_flow, ss_decode, slat_flow, gs_decode},
         coords (N, 4) int32 and slat (N, C) de-normalised, both on the device.
         """
@@ -80,7 +81,7 @@ class ImageTo3D:
         dev = self.device
         cond = cond_tokens.to(dev, torch.float32)
         neg = neg_cond.to(dev, torch.float32) if neg_cond is not None else None
-        # §0/§9: run() seeds the CPU default generator once and draws the SS noise, then the SLat noise, from it
+        # trellis §0/§9: run() seeds the CPU default generator once and draws the SS noise, then the SLat noise, from it
         # on the CPU before moving them. A private CPU generator with the same seed gives the same stream without
         # touching the global RNG state, and the result does not depend on the device.
         gen = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -107,10 +108,10 @@ class ImageTo3D:
             raise ValueError("ImageTo3D: the sparse-structure decoder produced no occupied voxel (all logits <= 0); "
                              "try another seed or check the conditioning/weights")
 
-        # Next draws from the same generator (nothing in between consumes random numbers, §0 step 6).
+        # Next draws from the same generator (nothing in between consumes random numbers, trellis §0 step 6).
         slat_noise = SparseVoxels(coords, torch.randn(len(coords), self.slat_channels, generator=gen).to(dev))
         slat = timed("slat_flow", lambda: self.slat_sampler.sample(self.slat_flow, slat_noise, cond, neg))
-        # §10: per-channel de-normalisation, a (1, C) broadcast to every voxel, in float32.
+        # trellis §10: per-channel de-normalisation, a (1, C) broadcast to every voxel, in float32.
         feats = slat.samples.feats.float() * self.slat_std.to(dev) + self.slat_mean.to(dev)
         slat_dn = SparseVoxels(coords, feats)
         raw = timed("gs_decode", lambda: self.static_vae.decode(slat_dn))

@@ -1,4 +1,4 @@
-"""TRELLIS structured-latent (SLat) flow model (trellis_spec.md §8): a U-shaped sparse network around a DiT.
+"""TRELLIS structured-latent (SLat) flow model (docs/trellis.md §8): a U-shaped sparse network around a DiT.
 
 Sparse res blocks at the 64³ voxel level, one 2× sparse downsampling to the occupied 2×2×2 cells (32³), 24 modulated
 cross blocks over those cells, then res blocks that upsample back to the input sites with [h, skip] concatenations.
@@ -39,8 +39,8 @@ class SparseResBlock3d(nn.Module):
 
     def forward(self, x: SparseVoxels, emb: torch.Tensor, dmap: DownsampleMap | None = None) -> SparseVoxels:
         """x (N, channels) features; emb (B, emb_channels); dmap: the map to undo, for an upsampling block."""
-        scale, shift = self.emb_layers(emb).to(x.feats.dtype).chunk(2, dim=1)  # scale FIRST (§13 #5)
-        # Re-sample before anything else; the skip below sees the re-sampled x (§13 #6).
+        scale, shift = self.emb_layers(emb).to(x.feats.dtype).chunk(2, dim=1)  # scale FIRST (trellis §13.5)
+        # Re-sample before anything else; the skip below sees the re-sampled x (trellis §13.6).
         if self.downsample:
             x, _ = sparse_downsample(x, 2)
         elif self.upsample:
@@ -136,7 +136,7 @@ class SLatFlowModel(nn.Module):
 
         for blk in self.out_blocks:
             if self.use_skip_connection:
-                h = h.replace(torch.cat([h.feats, skips.pop()], dim=1))   # [h, skip] order (§13 #9)
+                h = h.replace(torch.cat([h.feats, skips.pop()], dim=1))   # [h, skip] order (trellis §13.9)
             h = blk(h, t_emb, maps.pop() if blk.upsample else None)
 
         f = F.layer_norm(h.feats.to(x.feats.dtype), h.feats.shape[-1:], eps=1e-5)   # no affine, eps 1e-5

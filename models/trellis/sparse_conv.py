@@ -1,4 +1,4 @@
-"""Sparse operators of TRELLIS in plain PyTorch (trellis_spec.md §7), no spconv.
+"""Sparse operators of TRELLIS in plain PyTorch (docs/trellis.md §7), no spconv.
 
 - `SparseConv3d`: submanifold 3x3x3 convolution (outputs at the input sites), weight layout (out, k, k, k, in)
   as in the released state dicts (`<name>.conv.weight` / `<name>.conv.bias`).
@@ -143,7 +143,7 @@ def downsample_map(coords: torch.Tensor, factor: int = 2) -> DownsampleMap:
 
 
 def sparse_downsample(x: SparseVoxels, factor: int = 2) -> tuple[SparseVoxels, DownsampleMap]:
-    """SparseDownsample: features = sum of the children / (children + 1). [TRAP, §7] The official
+    """SparseDownsample: features = sum of the children / (children + 1). [TRAP, trellis §7] The official
     scatter_reduce('mean', include_self=True) onto zeros counts the zero as one more element; the released model
     was trained with it, so it is reproduced, not "fixed"."""
     m = downsample_map(x.coords, factor)

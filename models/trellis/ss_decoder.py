@@ -1,4 +1,5 @@
-"""TRELLIS sparse-structure decoder (spec §6): dense conv3d net, latent (B, 8, 16³) -> occupancy logits (B, 1, 64³).
+"""TRELLIS sparse-structure decoder (docs/trellis.md §6): dense conv3d net, latent (B, 8, 16³) -> occupancy logits
+(B, 1, 64³).
 
 Parameter names follow the released `ss_dec_conv3d_16l8_fp16` checkpoint, so its safetensors load strictly.
 """
@@ -63,7 +64,7 @@ class SparseStructureDecoder(nn.Module):
 
     Released config: latent 8, channels [512, 128, 32], 2 res blocks per stage and 2 in the middle: 16³ -> 64³.
     Weights stay float32. With use_fp16 on CUDA, middle_block + blocks (the published "torso") run under float16
-    autocast, while input_layer and out_layer run in float32 and the norms compute in float32 (spec §6, §11).
+    autocast, while input_layer and out_layer run in float32 and the norms compute in float32 (trellis §6, §11).
     """
 
     def __init__(self, out_channels: int, latent_channels: int, num_res_blocks: int, channels: list[int],

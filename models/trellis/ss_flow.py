@@ -1,4 +1,4 @@
-"""TRELLIS sparse-structure flow transformer (trellis_spec.md §5): a dense DiT over the 16³ latent grid, conditioned
+"""TRELLIS sparse-structure flow transformer (docs/trellis.md §5): a dense DiT over the 16³ latent grid, conditioned
 on DINOv2 tokens by cross-attention, predicting the flow velocity. Parameter names equal the released checkpoint
 `ss_flow_img_dit_L_16l8_fp16`, whose safetensors load strictly (including the `pos_emb` buffer).
 """
@@ -30,7 +30,7 @@ class SparseStructureFlowModel(nn.Module):
     """Takes the released constructor arguments (`ckpts/ss_flow_img_dit_L_16l8_fp16.json`).
 
     use_fp16 stores the Linear layers of `blocks` in float16 as the released file does; the forward runs the blocks in
-    the dtype of their weights (float16 torso with float32 norms, §5), so `model.float()` gives a float32 model.
+    the dtype of their weights (float16 torso with float32 norms, trellis §5), so `model.float()` gives a float32 model.
     """
 
     def __init__(self, resolution: int = 16, in_channels: int = 8, model_channels: int = 1024,
