@@ -1,4 +1,5 @@
-"""Video to 4D on the command line: a loop over inputs through pipeline.VideoTo4D (spec §6), writing reusable assets.
+"""Video to 4D on the command line: a loop over inputs through pipeline.VideoTo4D, writing reusable assets
+(docs/published_system.md §6).
 
     python inference_dpm_latent.py --pack assets/pack --input assets/examples --out outputs/demo
     accelerate launch --num_processes 8 inference_dpm_latent.py --dit ema_diffusion_0.9999_500000.pt \\

@@ -35,7 +35,7 @@ CONDITION_KEYS = ("cond_images", "static_latent", "deformation_position_xyz")  #
 
 def condition_camera(device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """View COND_VIEW's camera, extrinsics (4, 4) and intrinsics (3, 3): the camera a video is assumed to come from
-    (spec §1.9), since the DiT only ever saw the renders of that view."""
+    (published §1.9), since the DiT only ever saw the renders of that view."""
     ext, _ = published_views(COND_VIEW + 1)
     return ext[COND_VIEW].to(device), intrinsics_from_fov(torch.tensor(BLENDER_DEFAULT_FOV)).to(device)
 

@@ -1,5 +1,6 @@
 """Aligning a canonical Gaussian set to the first video frame: azimuth about world Z and apparent scale, from one
-batched pass of silhouette renders (the published code rendered and saved 360 PNGs and scored them with CLIP, spec §6.4).
+batched pass of silhouette renders (the published code rendered and saved 360 PNGs and scored them with CLIP,
+docs/published_system.md §6.4 step 2).
 
     a = align_to_silhouette(canonical, alpha0, extrinsics, intrinsics)   # alpha0 (H, W) in [0, 1]
     canonical = rotate_z(canonical, -a.azimuth)                           # now seen from that camera as in the frame

@@ -1,10 +1,11 @@
-"""The motion stage of inference (spec §6.4 steps 3-6): canonical Gaussians + per-frame image tokens -> Δ per frame.
+"""The motion stage of inference: canonical Gaussians + per-frame image tokens -> Δ per frame
+(docs/published_system.md §6.4 steps 3-6).
 
     motion = MotionStage(dit, motion_vae, stats, sampling=cfg.sampling, num_static_cond=4096)  # or a SamplerConfig
     result = motion(canonical, tokens, seed=0)            # tokens (T, L, C); result.delta (T, N, 14), result.nfe
 
 Conditions as in training, by the same functions (datasets/condition.py): the num_latents FPS anchors of the canonical
-Gaussians (their xyz, normalised by the static statistics when the DiT was trained so, spec §10.7) and num_static_cond
+Gaussians (their xyz, normalised by the static statistics when the DiT was trained so, published §10.7) and num_static_cond
 FPS Gaussians normalised by the static statistics; noise (T, L, C) is solved by DPM-Solver++ (models/dpm_solver.py),
 de-normalised and decoded by the motion VAE against every canonical Gaussian. No file I/O here.
 """

@@ -1,6 +1,6 @@
-"""From raw video frames to model-ready square frames (spec §6.6): a matte per frame, one square crop around the object
-for the whole clip, and compositing on the background the features were trained with (spec §10.5: black for the
-training renders, white for the published in-the-wild frames).
+"""From raw video frames to model-ready square frames (docs/published_system.md §6.6): a matte per frame, one square
+crop around the object for the whole clip, and compositing on the background the features were trained with
+(published §10.5: black for the training renders, white for the published in-the-wild frames).
 
 Matting backends:
 - "alpha": the frames' own alpha channel (RGBA frames, transparent gifs), used exactly.
@@ -233,7 +233,7 @@ def prepare_video_frames(path: str | os.PathLike, num_frames: int, start: int = 
                          reference: str = "first") -> VideoFrames:
     """Video, gif or frame folder -> num_frames square frames around the object, composited on the background.
 
-    Frames start, start + stride, ...; black background by default because the training renders are (spec §10.5).
+    Frames start, start + stride, ...; black background by default because the training renders are (published §10.5).
     """
     path = Path(path)
     bg = background_value(background)
@@ -254,7 +254,7 @@ def prepare_video_frames(path: str | os.PathLike, num_frames: int, start: int = 
     return VideoFrames(composite(rgb, alpha, bg, blur=False), alpha, fps, path, box, backend)
 
 
-# ----------------------------------------------------------------------------------------------- TRELLIS (spec §2)
+# ----------------------------------------------------------------------------------------------- TRELLIS (docs/trellis.md §2)
 TRELLIS_SIZE = 518            # DINOv2's 37 × 14 input
 TRELLIS_MAX_SIDE = 1024       # opaque inputs are shrunk to this longer side before matting
 TRELLIS_ALPHA_CUT = 0.8 * 255  # bbox pixels: alpha > 204
@@ -262,7 +262,7 @@ TRELLIS_SCALE = 1.2           # crop side / longer bbox side
 
 
 def trellis_crop_box(alpha: np.ndarray) -> tuple[float, float, float, float]:
-    """The crop box of spec §2 step 2 for a uint8 alpha (H, W): (x0, y0, x1, y1) in PIL's crop convention, may be .5.
+    """The crop box of trellis §2 step 2 for a uint8 alpha (H, W): (x0, y0, x1, y1) in PIL's crop convention, may be .5.
 
     Differs from square_box on purpose (that one follows the video pipeline): threshold alpha > 0.8·255 instead of
     > 0.5, inclusive bbox ends, side int(1.2 · (max inclusive extent)) with halves of size//2 around the float centre,
@@ -283,7 +283,7 @@ def trellis_preprocess(image, alpha=None, matting: str = "auto", size: int = TRE
     """One image -> TRELLIS's conditioning image (3, size, size) float32 in [0, 1]: the object on black, premultiplied.
 
     image: (H, W, 4) RGBA or (H, W, 3) RGB, uint8 or float in [0, 1] (numpy, torch or a PIL image); alpha: optional
-    (H, W) matte for an RGB image (uint8 or float), used like an alpha channel. Spec §2 step by step, with Pillow for
+    (H, W) matte for an RGB image (uint8 or float), used like an alpha channel. Trellis §2 step by step, with Pillow for
     the crop and resizes so that the pixels match the published pipeline:
     1. a not-all-opaque alpha is used as it is; otherwise the RGB image is shrunk (LANCZOS) to a longer side <= 1024 and
        matted (matting: "auto" = rembg/u2net when usable as published, else the border-colour threshold matte;
@@ -291,7 +291,7 @@ def trellis_preprocess(image, alpha=None, matting: str = "auto", size: int = TRE
     2. crop to trellis_crop_box (outside the image: transparent black);
     3. resize the RGBA crop to size² with LANCZOS (Pillow filters RGBA premultiplied);
     4. rgb · alpha in float32, then ×255 cast to uint8, which truncates (as published), on a black background.
-    The ImageNet normalisation of the encoder (§2 step 5) is left to DinoV2Extractor.
+    The ImageNet normalisation of the encoder (trellis §2 step 5) is left to DinoV2Extractor.
     """
     from PIL import Image
 

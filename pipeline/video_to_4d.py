@@ -1,4 +1,4 @@
-"""Video to 4D as a Python API: canonical Gaussians animated to the frames of a video (spec §6).
+"""Video to 4D as a Python API: canonical Gaussians animated to the frames of a video (docs/published_system.md §6).
 
     from pipeline import VideoTo4D
     pipe = VideoTo4D.from_pack("assets/pack")                         # device: a GPU when there is one

@@ -66,7 +66,7 @@ def test_motion_statistics_of_a_rigid_translation():
 
 
 def oracle_numpy(sample, canonical_xyz: np.ndarray, num_points: int, frames: int, k: int, beta: float) -> np.ndarray:
-    """The mesh-guided KNN interpolation (spec §2.2 step 3) written out in float64 numpy: (T, N, 3)."""
+    """The mesh-guided KNN interpolation (docs/published_system.md §2.2 step 3) written out in float64 numpy: (T, N, 3)."""
     static = torch.load(layout.static_vertices_path(sample)).double().numpy()
     moving = static[None] + torch.load(layout.frame_deltas_path(sample)).double().numpy()[:frames]
     # The motion VAE's training points: VAEDataset draws num_points of them with default_rng([seed, epoch, index])
