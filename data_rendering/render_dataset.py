@@ -33,12 +33,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-try:
-    from data_rendering import blender_render as br
-except ImportError:  # run as a script: data_rendering/ itself is on sys.path
-    import blender_render as br
-from utils import cli  # noqa: E402
-from utils.logging import report_failures  # noqa: E402  (blender_render put the project root on sys.path)
+from data_rendering import blender_render as br
+from utils import cli
+from utils.logging import report_failures
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RENDER_PYTHON = REPO / ".venv-render" / "bin" / "python"
