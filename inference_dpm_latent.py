@@ -39,6 +39,7 @@ from tqdm import tqdm
 from datasets import layout
 from models.dpm_solver import SamplerConfig
 from models.trellis.flow_euler import SLAT_DEFAULTS, SS_DEFAULTS, add_sampler_args, sampler_from_args
+from pipeline.batch import Item, run_batch
 from pipeline.video_to_4d import VideoTo4D, input_kind
 from utils import cli
 from utils.logging import report_failures
@@ -63,8 +64,8 @@ def parse_args(argv=None):
     ap.add_argument("--canonical", type=Path, help="canonical Gaussians: a PLY (one input) or a folder of <name>.ply")
     ap.add_argument("--trellis", help="TRELLIS-image-large folder or hub repo (JeffreyXiang/TRELLIS-image-large): makes "
                                       "the canonical Gaussians of videos without a --canonical PLY from their first frame")
-    ap.add_argument("--dinov2", type=Path, help="local DINOv2 ViT-L/14-reg folder for the TRELLIS condition "
-                                                "(default: the hub)")
+    ap.add_argument("--dinov2", type=Path, help="local DINOv2 ViT-L/14-reg folder, for the TRELLIS condition and the "
+                                                "video tokens of a DINOv2 config (default: the hub)")
     add_sampler_args(ap, "ss", SS_DEFAULTS)      # the TRELLIS samplers; defaults = the published GVFDiffusion ones
     add_sampler_args(ap, "slat", SLAT_DEFAULTS)
     ap.add_argument("--num-frames", type=int, help="frames to animate (default sampling.num_frames, at most the input's)")
@@ -146,25 +147,6 @@ def load_pipeline(args, device) -> VideoTo4D:
         raise cli.InputError(str(e)) from None
 
 
-def run_job(job: Job, pipe: VideoTo4D, args, metrics: ImageMetrics | None) -> dict:
-    out = args.out / job.name
-    if job.kind == "missing":
-        pipe.prepare(job.path)  # raises the InputError that says what the path is
-    if (out / "summary.json").is_file() and not args.overwrite:
-        return {"skipped": True}
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out}: exists but holds no finished outputs (no summary.json); pass --overwrite to "
-                              f"replace it")
-    result = pipe(job.path, canonical=canonical_ply(args, job), num_frames=args.num_frames, start=args.start,
-                  stride=args.stride, matting=args.matting, seed=args.seed, name=job.name)
-    if metrics is not None and result.kind == "sample":
-        pipe.score(result, metrics)
-    # Replaced as a whole once complete: never a mix of two runs' files (fewer frames than before leave no stale
-    # PLYs), and a failure keeps the previous outputs as they were.
-    result.save(out, overwrite=True)
-    return result.summary
-
-
 def result_line(name: str, summary: dict, out: Path) -> str:
     """One input's outcome, printed as soon as it finishes."""
     if summary.get("skipped"):
@@ -194,18 +176,28 @@ def main(argv=None) -> int:
     wants_metrics = not args.no_metrics and any(j.kind == "sample" for j in jobs)
     metrics = ImageMetrics(load_lpips(device=device)) if wants_metrics else None
     mine = jobs[state.process_index::state.num_processes]
+    items = [Item(j.name, j.path, args.out / j.name, canonical_ply(args, j)) for j in mine]
+    options = {"num_frames": args.num_frames, "start": args.start, "stride": args.stride, "matting": args.matting,
+               "seed": args.seed}
     failures, bad_input = [], False
-    bar = tqdm(mine, desc="animate", disable=not state.is_main_process, dynamic_ncols=True)
-    for job in bar:
-        bar.set_postfix_str(job.name, refresh=True)
-        try:
-            summary = run_job(job, pipe, args, metrics)
-            tqdm.write(result_line(job.name, summary, args.out / job.name))
-        except Exception as e:  # report by name as it happens, go on with the others, list them again at the end
-            # bad input reads as its message; anything else keeps its type, which says where to look
-            bad_input = isinstance(e, cli.refusal_types() + (ValueError,))
-            failures.append((job.name, cli.one_line(e) if bad_input else f"{type(e).__name__}: {cli.one_line(e)}"))
-            tqdm.write(f"{job.name}: failed: {failures[-1][1]}", file=sys.stderr)
+    bar = tqdm(total=len(items), desc="animate", disable=not state.is_main_process, dynamic_ncols=True)
+    if items:
+        bar.set_postfix_str(items[0].name, refresh=True)
+    # The next input is read while one runs, and the files of the last are written meanwhile (pipeline/batch.py).
+    for i, (item, summary, error) in enumerate(run_batch(pipe, items, options, metrics, overwrite=args.overwrite)):
+        bar.update(1)
+        if i + 1 < len(items):
+            bar.set_postfix_str(items[i + 1].name, refresh=True)
+        if error is None:
+            tqdm.write(result_line(item.name, summary, item.out))
+            continue
+        # Reported by name as it happens; the others go on; listed again at the end. Bad input reads as its message;
+        # anything else keeps its type, which says where to look.
+        bad_input = isinstance(error, cli.refusal_types() + (ValueError,))
+        failures.append((item.name, cli.one_line(error) if bad_input else f"{type(error).__name__}: "
+                                                                         f"{cli.one_line(error)}"))
+        tqdm.write(f"{item.name}: failed: {failures[-1][1]}", file=sys.stderr)
+    bar.close()
     if state.num_processes > 1:
         failures = [f for part in gather_object([failures]) for f in part]
     if not state.is_main_process:

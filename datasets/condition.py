@@ -51,11 +51,14 @@ def condition_frames(sample_root: Path, num_frames: int, *, data_root: Path | No
     return torch.stack(images)
 
 
-def fps_gaussians(gaussians: torch.Tensor, count: int) -> torch.Tensor:
+def fps_gaussians(gaussians: torch.Tensor, *counts: int) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """`count` of the Gaussians (B, N, 14) by farthest point sampling of their xyz, started at the first Gaussian as
-    MotionVAE.encode starts its anchors: (B, count, 14). Deterministic, so a canonical gives the same sets whenever
-    they are sampled."""
-    return gather_points(gaussians, farthest_point_sample(gaussians[..., :3], count))
+    MotionVAE.encode starts its anchors: (B, count, 14), one tensor per count. Deterministic, so a canonical gives the
+    same sets whenever they are sampled. Several counts share one FPS run: FPS is greedy, so the first k picks of a
+    longer run are the k-pick run itself (inference needs the 512 anchors and the 4096 static set: one run of 4096)."""
+    picks = farthest_point_sample(gaussians[..., :3], max(counts))
+    sets = tuple(gather_points(gaussians, picks[:, :c]) for c in counts)
+    return sets if len(sets) > 1 else sets[0]
 
 
 def dit_condition(static_gaussians: torch.Tensor, anchors: torch.Tensor, tokens: torch.Tensor,

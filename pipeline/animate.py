@@ -12,8 +12,10 @@ de-normalised and decoded by the motion VAE against every canonical Gaussian. No
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -36,6 +38,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def keep_compile_cache() -> Path:
+    """Where torch.compile keeps its compiled graphs and kernels: $TORCHINDUCTOR_CACHE_DIR when set, else
+    ~/.cache/gvfdiffusion/inductor. Inductor's default is under /tmp, which a reboot or a fresh container empties; kept
+    here, a second process loads the DiT's compiled graphs instead of compiling them again (BENCHMARKS.md, end to
+    end: the cold start with and without the cache)."""
+    return Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                                      str(Path.home() / ".cache" / "gvfdiffusion" / "inductor")))
+
+
 class MotionStage:
     def __init__(self, dit, motion_vae, stats: Mapping[str, torch.Tensor], sampling: SamplerConfig | Mapping,
                  num_static_cond: int, normalize_position_xyz: bool = True, dtype: torch.dtype = torch.float32,
@@ -44,6 +55,8 @@ class MotionStage:
         # CUDA graphs ("reduce-overhead"): the compiled forward is launch-bound without them (T=32 on an H200: 18.9 ms
         # with, 19.2 to 25.0 ms without, BENCHMARKS.md). A replay overwrites the last output; the solver has already
         # turned it into a new x0 tensor by then. The decode stays eager (faster so).
+        if compile:
+            keep_compile_cache()
         self.model_fn = torch.compile(self.dit, mode="reduce-overhead") if compile else self.dit
         self.device = next(dit.parameters()).device
         self.stats = {k: v.to(self.device, torch.float32) for k, v in stats.items()}
@@ -59,8 +72,7 @@ class MotionStage:
             raise ValueError(f"the canonical has {n} Gaussians; the models need at least "
                              f"{max(s, self.motion_vae.num_latents)}")
         # The sets encode_latent.py stores for training: the same FPS (MotionVAE.encode's anchors, the static set).
-        anchors = fps_gaussians(cond, self.motion_vae.num_latents)
-        static = fps_gaussians(cond, s)
+        anchors, static = fps_gaussians(cond, self.motion_vae.num_latents, s)
         return dit_condition(static, anchors, tokens.to(self.device, torch.float32)[None], self.stats,
                              self.normalize_position_xyz)
 

@@ -47,8 +47,11 @@ class ImageTo3DStage:
 
     @classmethod
     def load(cls, trellis: str | Path, static_vae: StaticVAE | None, device, dinov2: str | Path | None = None,
-             ss_sampler: FlowEulerSampler | None = None, slat_sampler: FlowEulerSampler | None = None):
-        """From a TRELLIS-image-large folder or hub repo; the samplers default to the published GVFDiffusion ones."""
+             ss_sampler: FlowEulerSampler | None = None, slat_sampler: FlowEulerSampler | None = None,
+             extractor=None):
+        """From a TRELLIS-image-large folder or hub repo; the samplers default to the published GVFDiffusion ones.
+        `extractor`: a DINOv2 extractor already loaded (the DiT's at paper scale), else one is loaded from `dinov2`
+        (a local folder; default the hub): one copy of the 300M-parameter model serves both."""
         if static_vae is None:
             raise ValueError("the image-to-3D stage decodes with the GVF static VAE: give --static-vae or a pack with one")
         registry = {c.__name__: c for c in (SparseStructureFlowModel, SparseStructureDecoder, SLatFlowModel)}
@@ -59,7 +62,9 @@ class ImageTo3DStage:
                           ss_sampler or FlowEulerSampler(**SS_DEFAULTS),
                           slat_sampler or FlowEulerSampler(**SLAT_DEFAULTS),
                           autocast_dtype=torch.float16)  # the released fp16 precision
-        return cls(stage, get_extractor("dinov2_vitl14_reg", device=device, weights=dinov2))
+        if extractor is None or extractor.name != "dinov2_vitl14_reg":
+            extractor = get_extractor("dinov2_vitl14_reg", device=device, weights=dinov2)
+        return cls(stage, extractor)
 
     @torch.no_grad()
     def __call__(self, image, matting: str = "auto", seed: int = 0) -> tuple[Gaussians, dict]:

@@ -3,7 +3,7 @@
 the 4D result from the input camera | from a camera orbiting once over the clip) and grid.png (frames × 4 views,
 labelled, the object framed to fill its cells, on grey).
 
-    write_outputs(folder, canonical, delta, Views.from_sampling(cfg.sampling), fps, inputs)
+    write_rendered(folder, render_outputs(canonical, delta, Views.from_sampling(cfg.sampling), fps, inputs))
 """
 from __future__ import annotations
 
@@ -114,20 +114,23 @@ def grid_image(frames: Gaussians, s: Views, margin: float = 0.08) -> np.ndarray:
     return canvas
 
 
-def write_outputs(out: Path, canonical: Gaussians, delta: torch.Tensor, s: Views, fps: float,
-                  inputs: torch.Tensor) -> dict:
-    """The files of one result (module docstring) in `out`; `inputs` (T, 3, h, w) are the frames the model saw."""
+@dataclass
+class Rendered:
+    """Everything the files of one result hold, on the CPU: what render_outputs computed on the model's device and
+    write_rendered writes, so that the writing (PLY, npz, video encoding) can run beside the next input's GPU work."""
+    canonical: Gaussians                  # (N)
+    delta: torch.Tensor                   # (T, N, 14)
+    orbit: np.ndarray                     # (orbit_frames, R, R, 3) uint8
+    compare: np.ndarray                   # (T, R, 3·R, 3) uint8
+    grid: np.ndarray                      # (H, W, 3) uint8
+    fps: float
+
+
+@torch.no_grad()
+def render_outputs(canonical: Gaussians, delta: torch.Tensor, s: Views, fps: float,
+                   inputs: torch.Tensor) -> Rendered:
+    """The images of one result (module docstring); `inputs` (T, 3, h, w) are the frames the model saw."""
     frames = canonical.apply_delta(delta)                                                     # (T, N)
-    write_ply_sequence(frames.to("cpu"), out / "ply", overwrite=True)
-    c = canonical.to("cpu")
-    arrays = {"xyz": c.xyz, "f_dc": c.f_dc, "opacity_logit": c.opacity_logit, "scale_pre": c.scale_pre,
-              "quat": c.quat, "delta": delta.cpu()}
-
-    def save(tmp):
-        with open(tmp, "wb") as f:  # a file object: numpy would append ".npz" to the temporary name
-            np.savez_compressed(f, **{k: v.float().numpy() for k, v in arrays.items()})
-
-    atomic_write(out / "animation.npz", save, overwrite=True)
     t = delta.shape[0]
     bg = 1.0 if s.background == "white" else 0.0
     k = s.orbit_frames
@@ -136,8 +139,23 @@ def write_outputs(out: Path, canonical: Gaussians, delta: torch.Tensor, s: Views
     dev = delta.device
     orbit = torch.cat([render_views(frames.map(lambda x: x[idx[i:i + 8]]), ext[i:i + 8].to(dev), K[i:i + 8].to(dev),
                                     s.resolution, bg) for i in range(0, k, 8)])
-    write_video(out / "orbit.mp4", orbit.cpu(), fps=fps, overwrite=True)
-    write_video(out / "compare.mp4", compare_frames(frames, inputs, s), fps=fps, overwrite=True)
-    grid = grid_image(frames, s)
-    atomic_write(out / "grid.png", lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"), overwrite=True)
-    return {"ply_frames": t, "gaussians": len(canonical)}
+    return Rendered(canonical.to("cpu"), delta.float().cpu(), to_uint8(orbit.cpu()), compare_frames(frames, inputs, s),
+                    grid_image(frames, s), fps)
+
+
+def write_rendered(out: Path, r: Rendered) -> dict:
+    """Write the files of one result into `out` (module docstring); returns what summary.json records of them."""
+    write_ply_sequence(r.canonical.apply_delta(r.delta), out / "ply", overwrite=True)
+    c = r.canonical
+    arrays = {"xyz": c.xyz, "f_dc": c.f_dc, "opacity_logit": c.opacity_logit, "scale_pre": c.scale_pre,
+              "quat": c.quat, "delta": r.delta}
+
+    def save(tmp):
+        with open(tmp, "wb") as f:  # a file object: numpy would append ".npz" to the temporary name
+            np.savez_compressed(f, **{k: v.float().numpy() for k, v in arrays.items()})
+
+    atomic_write(out / "animation.npz", save, overwrite=True)
+    write_video(out / "orbit.mp4", r.orbit, fps=r.fps, overwrite=True)
+    write_video(out / "compare.mp4", r.compare, fps=r.fps, overwrite=True)
+    atomic_write(out / "grid.png", lambda tmp: Image.fromarray(r.grid).save(tmp, format="PNG"), overwrite=True)
+    return {"ply_frames": r.delta.shape[0], "gaussians": len(c)}

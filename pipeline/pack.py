@@ -54,10 +54,11 @@ def _pack_file(pack: Path | None, name: str) -> Path | None:
 
 def load_models(pack: str | Path | None = None, *, dit=None, motion_vae=None, static_vae=None, stats_dir=None,
                 config=None, vae_config=None, device: torch.device | str = "cpu", precision: str = "fp32",
-                compile: bool = False, sampling: dict | None = None) -> Models:
+                compile: bool = False, sampling: dict | None = None, dinov2=None) -> Models:
     """The models of `pack`, each file replaceable by its own argument (paths). `precision` "bf16" autocasts on a
     GPU; `compile` runs the DiT through torch.compile; `sampling` overrides SamplerConfig fields (steps, method,
-    guidance_scale, ...). Raises ValueError naming what is missing."""
+    guidance_scale, ...); `dinov2` a local DINOv2 folder when the config's image encoder is DINOv2 (default: the
+    hub). Raises ValueError naming what is missing."""
     pack = Path(pack) if pack is not None else None
     if pack is not None and not pack.is_dir():
         raise ValueError(f"{pack}: no such pack folder")
@@ -83,4 +84,6 @@ def load_models(pack: str | Path | None = None, *, dit=None, motion_vae=None, st
         solver = dataclasses.replace(solver, **sampling)
     stage = MotionStage(dit_model, motion, load_latent_stats(stats), solver, cfg.data.num_static_cond,
                         cfg.data.normalize_position_xyz, dtype, compile=compile)
-    return Models(stage, static, cfg, get_extractor(cfg.data.image_encoder, device=device), vae_cfg.data.image_encoder)
+    weights = dinov2 if cfg.data.image_encoder == "dinov2_vitl14_reg" else None
+    extractor = get_extractor(cfg.data.image_encoder, device=device, weights=weights)
+    return Models(stage, static, cfg, extractor, vae_cfg.data.image_encoder)

@@ -32,8 +32,8 @@ from models.trellis.flow_euler import FlowEulerSampler
 from pipeline.alignment import align_to_silhouette, rotate_z
 from pipeline.canonical import ImageTo3DStage, static_reconstruction
 from pipeline.ground_truth import ground_truth_metrics, held_out_views, mesh_motion, oracle_delta_xyz
-from pipeline.matting import prepare_video_frames
-from pipeline.outputs import Views, write_outputs
+from pipeline.matting import VideoFrames, prepare_video_frames
+from pipeline.outputs import Rendered, Views, render_outputs, write_rendered
 from pipeline.pack import Models, load_models
 from utils.cli import InputError
 from utils.fileio import atomic_folder, atomic_write
@@ -89,14 +89,25 @@ class Result:
     def save(self, folder: str | Path, overwrite: bool = False) -> Path:
         """Write the result's files (pipeline/outputs.py) and summary.json into `folder`, as a whole: an existing
         folder is replaced only with `overwrite`, and only once everything is written (FileExistsError otherwise)."""
-        folder = Path(folder)
+        return self.write(folder, self.render(), overwrite)
+
+    def render(self) -> Rendered:
+        """save's first half, on the model's device: the images of the files, handed to the CPU."""
+        t0 = time.perf_counter()
+        rendered = render_outputs(self.canonical, self.delta, self.views, self.fps, self.inputs)
+        self.summary["seconds"]["rendering"] = time.perf_counter() - t0
         dev = self.delta.device
+        self.summary["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30 \
+            if dev.type == "cuda" else None
+        return rendered
+
+    def write(self, folder: str | Path, rendered: Rendered, overwrite: bool = False) -> Path:
+        """save's second half, CPU only (safe in a thread beside the next input's GPU work)."""
+        folder = Path(folder)
         with atomic_folder(folder, overwrite=overwrite) as staging:
             t0 = time.perf_counter()
-            self.summary.update(write_outputs(staging, self.canonical, self.delta, self.views, self.fps, self.inputs))
-            self.summary["seconds"]["outputs"] = time.perf_counter() - t0
-            self.summary["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30 \
-                if dev.type == "cuda" else None
+            self.summary.update(write_rendered(staging, rendered))
+            self.summary["seconds"]["writing"] = time.perf_counter() - t0
             text = json.dumps(self.summary, indent=1)
             atomic_write(staging / "summary.json", lambda tmp: tmp.write_text(text))
         return folder
@@ -117,9 +128,10 @@ class VideoTo4D:
              orbit_frames: int = 48, **weights) -> VideoTo4D:
         """`pack` and/or weights (pipeline/pack.load_models's keywords: dit, motion_vae, static_vae, stats_dir, config,
         vae_config, precision, compile, sampling); `trellis` (a TRELLIS-image-large folder or hub repo) makes the
-        canonical of videos given none; `dinov2` a local DINOv2 folder for its condition."""
+        canonical of videos given none; `dinov2` a local DINOv2 folder for its condition and, at paper scale, the
+        DiT's image tokens."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        models = load_models(pack, device=device, **weights)
+        models = load_models(pack, device=device, dinov2=dinov2, **weights)
         views = Views.from_sampling(models.cfg.sampling, orbit_frames=orbit_frames)
         stage = None if trellis is None else {"trellis": trellis, "dinov2": dinov2, "ss_sampler": ss_sampler,
                                               "slat_sampler": slat_sampler}
@@ -133,20 +145,22 @@ class VideoTo4D:
 
     def __call__(self, source: str | Path, canonical: str | Path | Gaussians | None = None, *,
                  num_frames: int | None = None, start: int = 0, stride: int = 1, matting: str = "auto",
-                 seed: int | None = None, name: str | None = None, **sampling) -> Result:
+                 seed: int | None = None, name: str | None = None, video: VideoFrames | None = None,
+                 **sampling) -> Result:
         """Animate `source` (module docstring). `num_frames` frames (default: the config's, at most the video's),
         from frame `start` every `stride`; `matting` "auto" | "alpha" | "rembg" | "threshold"; `sampling` overrides
-        solver options (steps, method, guidance_scale, ...) for this call."""
+        solver options (steps, method, guidance_scale, ...) for this call; `video` the frames read_video already
+        read for these options (pipeline/batch.py reads the next input while this one runs)."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         prepared = self.prepare(source, canonical, num_frames=num_frames, start=start, stride=stride,
-                                matting=matting, seed=seed, name=name)
+                                matting=matting, seed=seed, name=name, video=video)
         return self.animate(prepared, seed=seed, **sampling)
 
     # --------------------------------------------------------------------------------------------- stages
     def prepare(self, source: str | Path, canonical: str | Path | Gaussians | None = None, *,
                 num_frames: int | None = None, start: int = 0, stride: int = 1, matting: str = "auto",
-                seed: int | None = None, name: str | None = None) -> Prepared:
+                seed: int | None = None, name: str | None = None, video: VideoFrames | None = None) -> Prepared:
         """Tokens, canonical and model-ready frames of one input (its stage times in info["seconds"])."""
         source = Path(source)
         kind = input_kind(source)
@@ -168,8 +182,13 @@ class VideoTo4D:
         if kind == "sample":
             p = self._sample(source, canonical, origin, count)
         else:
-            p = self._video(source, canonical, origin, count, num_frames_given=num_frames is not None,
-                            start=start, stride=stride, matting=matting, seed=seed)
+            if canonical is None and self._image_to_3d_args is None:
+                raise ValueError(f"no canonical Gaussians for video {source}: give a canonical PLY (--canonical "
+                                 f"FILE.ply, or a folder with {name}.ply) or the image-to-3D stage (--trellis "
+                                 f"<TRELLIS-image-large folder or repo>)")
+            if video is None:
+                video = self.read_video(source, num_frames, start=start, stride=stride, matting=matting)
+            p = self._video(source, video, canonical, origin, start=start, matting=matting, seed=seed)
         tokens, canonical, inputs, info = p
         info["seconds"] = {"inputs": time.perf_counter() - t0}
         return Prepared(name, source, kind, tokens, canonical, inputs, info)
@@ -213,27 +232,30 @@ class VideoTo4D:
             canonical = static_reconstruction(self.models.static_vae, sample, self.models.voxel_extractor, self.device)
         return tokens, canonical, images, {"frames": t, "views": views, "canonical": origin or "static VAE"}
 
-    def _video(self, path: Path, canonical: Gaussians | None, origin: str | None, num_frames: int,
-               num_frames_given: bool, start: int, stride: int, matting: str, seed: int | None):
-        if canonical is None and self._image_to_3d_args is None:
-            raise ValueError(f"no canonical Gaussians for video {path}: give a canonical PLY (--canonical FILE.ply, "
-                             f"or a folder with {path.stem if path.is_file() else path.name}.ply) or the image-to-3D "
-                             f"stage (--trellis <TRELLIS-image-large folder or repo>)")
-        prepare = lambda n: prepare_video_frames(path, n, start=start, stride=stride,
-                                                 size=self.models.extractor.image_size, background=COND_BACKGROUND,
-                                                 matting=matting)
+    def read_video(self, source: str | Path, num_frames: int | None = None, start: int = 0, stride: int = 1,
+                   matting: str = "auto") -> VideoFrames:
+        """A video's frames decoded, matted, cropped and composited as the model takes them (CPU only: safe in a
+        thread beside the device's work). `num_frames` None: the config's count, or all frames of a shorter clip."""
+        path = Path(source)
+        read = lambda n: prepare_video_frames(path, n, start=start, stride=stride,
+                                              size=self.models.extractor.image_size, background=COND_BACKGROUND,
+                                              matting=matting)
         try:
-            video = prepare(num_frames)
+            video = read(num_frames or self.models.cfg.sampling.num_frames)
         except VideoReadError:
             raise
         except ValueError:
-            if num_frames_given:  # the user asked for that many frames: a shorter clip is an error
+            if num_frames is not None:  # the user asked for that many frames: a shorter clip is an error
                 raise
-            video = prepare(None)  # the default count is an upper bound: a shorter clip uses all its frames
+            video = read(None)  # the default count is an upper bound: a shorter clip uses all its frames
         if len(video.images) < MIN_VIDEO_FRAMES:
             n = len(video.images)
             raise InputError(f"{path}: has {n} frame{'' if n == 1 else 's'} from frame {start} (stride {stride}); a "
                              f"video needs at least {MIN_VIDEO_FRAMES}, its motion is what is followed")
+        return video
+
+    def _video(self, path: Path, video: VideoFrames, canonical: Gaussians | None, origin: str | None, start: int,
+               matting: str, seed: int | None):
         tokens = self.models.extractor(video.images)
         extra = {}
         if canonical is None:
@@ -254,5 +276,5 @@ class VideoTo4D:
             if self._image_to_3d_args is None:
                 raise ValueError("the pipeline was loaded without the image-to-3D stage (trellis=)")
             self._image_to_3d = ImageTo3DStage.load(static_vae=self.models.static_vae, device=self.device,
-                                                    **self._image_to_3d_args)
+                                                    extractor=self.models.extractor, **self._image_to_3d_args)
         return self._image_to_3d

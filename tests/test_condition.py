@@ -126,3 +126,18 @@ def test_inference_reconstructs_the_canonical_that_was_encoded(encoded, monkeypa
     train, _ = training_condition(data, name, True)
     infer = inference_condition(root, data, pack, name, True, monkeypatch)
     assert torch.equal(train["static_latent"], infer["static_latent"])
+
+
+def test_one_fps_run_gives_every_count_as_separate_runs_would():
+    """The anchors and the static set come from one FPS run (its prefixes); separate runs of each count pick the same
+    Gaussians, duplicates and ties included (a grid of repeated points has many equal distances)."""
+    from datasets.condition import fps_gaussians
+    from utils.pointcloud import farthest_point_sample, gather_points
+    g = torch.Generator().manual_seed(3)
+    pts = torch.randn(1, 2000, 14, generator=g)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(6.0)] * 3, indexing="ij"), -1).view(1, -1, 3).repeat(1, 2, 1)
+    pts = torch.cat([pts, torch.cat([grid, torch.zeros(1, grid.shape[1], 11)], -1)], 1)
+    anchors, static = fps_gaussians(pts, 64, 700)
+    assert torch.equal(anchors, gather_points(pts, farthest_point_sample(pts[..., :3], 64)))
+    assert torch.equal(static, gather_points(pts, farthest_point_sample(pts[..., :3], 700)))
+    assert torch.equal(fps_gaussians(pts, 64), anchors)
