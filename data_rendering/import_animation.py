@@ -263,22 +263,35 @@ def load_input(path: Path, args) -> tuple[MeshSequence, dict]:
         if args.fps:
             raise InputError(f"{path}: --fps applies to glTF clips only; use --stride for frame sequences")
         vertices, fields, source = load_obj_sequence(path) if kind == "obj" else load_npz(path)
-        check_geometry(path, vertices, fields["faces"])
-        source["source_frames"] = len(vertices)
-        vertices, where = resample(vertices, args.frames, args.stride)
-        source["frame_positions"] = [round(float(x), 6) for x in where]
         if up == "y":
             vertices = _y_up_to_z_up(vertices)
-    check_geometry(path, vertices, fields["faces"])
-    vertices, centre, extent = normalize(vertices)
-    seq = MeshSequence(vertices, **fields)
-    motion = float(np.linalg.norm(seq.vertices - seq.vertices[:1], axis=-1).mean())
+    seq, prepared = prepared_sequence(path, vertices, fields, None if kind in ("gltf", "glb") else args.frames,
+                                      args.stride)
+    motion = prepared["mean_displacement"]
     if motion < STATIC_THRESHOLD:
         print(f"warning: {path}: nearly static (mean displacement {motion:.4f} < {STATIC_THRESHOLD})", file=sys.stderr)
     source.update(source=str(path), importer="data_rendering.import_animation", input_format=kind, up_axis=up,
-                  mean_displacement=motion, normalization={"centre": centre.tolist(), "extent": extent,
-                                 "note": "sample = (input, after the up-axis change, - centre) / extent"})
+                  **prepared)
     return seq, source
+
+
+def prepared_sequence(where, vertices: np.ndarray, fields: dict, frames: int | None = None,
+                      stride: int | None = None) -> tuple[MeshSequence, dict]:
+    """The normalised MeshSequence of source frames (T, V, 3) already Z up, after the refusals of check_geometry,
+    resampled to `frames` (None: kept as they are), and what metadata.json records about it. Shared with
+    data_rendering/game_assets."""
+    check_geometry(where, vertices, fields["faces"])
+    record = {}
+    if frames is not None:
+        record["source_frames"] = len(vertices)
+        vertices, positions = resample(vertices, frames, stride)
+        record["frame_positions"] = [round(float(x), 6) for x in positions]
+    vertices, centre, extent = normalize(vertices)
+    seq = MeshSequence(vertices, **fields)
+    record.update(mean_displacement=float(np.linalg.norm(seq.vertices - seq.vertices[:1], axis=-1).mean()),
+                  normalization={"centre": centre.tolist(), "extent": extent,
+                                 "note": "sample = (input, after the up-axis change, - centre) / extent"})
+    return seq, record
 
 
 def find_inputs(path: Path) -> tuple[list[Path], bool]:
@@ -304,22 +317,34 @@ def add_to_list(path: Path, names: list[str]) -> None:
         layout.write_list_file(path, lines + new)
 
 
-def import_one(path: Path, name: str, args) -> str:
-    input_kind(path)
+def sample_folder(where, out: Path, name: str) -> Path:
+    """out / name, for a name that stays inside `out` and fits on a list-file line (InputError naming `where`)."""
     try:
-        final = layout.resolve_sample(args.out, name)
+        final = layout.resolve_sample(out, name)
         if re.search(r"[\s#]", name):
             raise ValueError("whitespace or '#' would break the list files")
     except ValueError as e:
-        raise InputError(f"{path}: bad sample name {name!r}: {e}") from None
-    if final.exists() and not args.overwrite:
-        return "exists, skipped (--overwrite replaces it)"
-    seq, meta = load_input(path, args)
+        raise InputError(f"{where}: bad sample name {name!r}: {e}") from None
+    return final
+
+
+def write_prepared(seq: MeshSequence, meta: dict, final: Path, name: str, args) -> str:
+    """The synthetic writer's sample folder for a normalised sequence (args: seed, views, res, extractor,
+    write_meshes, overwrite); the random views are drawn from the seed and the sample name."""
     from data_rendering.synthetic_dataset import write_sample  # imported late: refusals and --help need no torch
 
     seed = args.seed * 1_000_003 + zlib.crc32(name.encode()) % 1_000_003  # different random views per sample
     write_sample(seq, final, meta, args, seed, overwrite=args.overwrite)
     return f"{seq.num_frames} frames, {seq.vertices.shape[1]} vertices, {len(seq.faces)} faces"
+
+
+def import_one(path: Path, name: str, args) -> str:
+    input_kind(path)
+    final = sample_folder(path, args.out, name)
+    if final.exists() and not args.overwrite:
+        return "exists, skipped (--overwrite replaces it)"
+    seq, meta = load_input(path, args)
+    return write_prepared(seq, meta, final, name, args)
 
 
 def main(argv=None) -> int:
