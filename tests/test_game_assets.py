@@ -2,11 +2,9 @@
 computed here in float64 from the bytes written, never with the readers' helpers), the atlas, the licence lookup,
 the split by model, one real file per cached Debian package, and the whole command on a .deb built here."""
 import json
-import math
 import shutil
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -336,7 +334,8 @@ def test_real_iqm_bind_and_frame0():
     folder = cached("cube2-data") / "usr/share/games/cube2/packages/models/snoutx10k"
     model = read_iqm((folder / "snoutx10k.iqm").read_bytes(), "snoutx10k.iqm")
     anim = read_iqm((folder / "forward.md5anim.iqm").read_bytes(), "forward.md5anim.iqm")
-    assert (len(model.meshes), len(model.positions), len(model.triangles), len(model.joint_names)) == (2, 2451, 3520, 75)
+    counts = (len(model.meshes), len(model.positions), len(model.triangles), len(model.joint_names))
+    assert counts == (2, 2451, 3520, 75)
     assert anim.channels.shape == (78, 75, 10) and not anim.joint_names
     np.testing.assert_allclose(skin(model, model.bind[None])[0], model.positions, atol=1e-9)
     assert float(skin(model, anim.channels[:1]).sum()) == pytest.approx(12990.08863618376, abs=1e-4)
@@ -366,8 +365,8 @@ def write_deb(tmp: Path, cache: Path, corrupt: bool) -> None:
     (pkg / "DEBIAN/control").write_text("Package: megaglest-data\nVersion: 9.9-test\nArchitecture: all\n"
                                         "Maintainer: t <t@example.org>\nDescription: test\n")
     (cache / "debs").mkdir(parents=True)
-    subprocess.run(["dpkg-deb", "--build", "--root-owner-group", str(pkg), str(cache / "debs/megaglest-data_9.9-test_all.deb")],
-                   check=True, capture_output=True)
+    deb = cache / "debs/megaglest-data_9.9-test_all.deb"
+    subprocess.run(["dpkg-deb", "--build", "--root-owner-group", str(pkg), str(deb)], check=True, capture_output=True)
 
 
 @pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="dpkg-deb is needed to build the test package")
@@ -431,3 +430,12 @@ def test_prepared_split_has_no_model_on_both_sides():
         for key in (r["model"], r["fingerprint"]):
             sides.setdefault(key, set()).add(side)
     assert all(len(s) == 1 for s in sides.values())
+
+
+def test_missing_apt_is_one_line(tmp_path, capsys, monkeypatch):
+    from data_rendering.game_assets import packages
+    monkeypatch.setattr(packages.shutil, "which", lambda name: None)
+    status = cli.run(main, ["--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "--packages", "cube2-data"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == cli.EXIT_BAD_INPUT and len(err) == 1
+    assert "apt-get not found" in err[0] and "debs/" in err[0]

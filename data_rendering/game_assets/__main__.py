@@ -9,8 +9,9 @@
 2. Every model x clip is read (ufoai-data: MD2 + .anm, megaglest-data: G3D, cube2-data: IQM skinned on the CPU) and
    judged by the import rules: degenerate geometry is refused by import_animation.check_geometry, then the clip is
    resampled to --frames, normalised by the box around all its frames, and must keep the synthetic objects' motion
-   rules (synthetic.motion_faults: not static, not faster than MAX_SPEED / frames per frame). A clip whose frames
-   repeat an accepted clip exactly is a duplicate and is dropped.
+   rules (synthetic.motion_faults: not static, not faster than MAX_SPEED / frames per frame). A clip too fast when
+   its frames are spread over all of it is tried over the first 3/4, 1/2, 3/8, 1/4 of it (CLIP_FRACTIONS; the
+   manifest records the share used). A clip whose source frames repeat an accepted clip exactly is a duplicate.
 3. Accepted clips are written by the synthetic writer (import_animation.write_prepared) as <out>/<sample>, named
    <package tag>__<model>__<clip>; existing samples are skipped unless --overwrite. --limit N writes at most N new
    samples (existing ones are always kept and listed).
@@ -104,14 +105,9 @@ class Run:
         self.written = 0
         self.write_seconds = 0.0
 
-    def package(self, source: Source) -> None:
-        args = self.args
-        deb = debian.fetch(source.package, args.cache)
-        version = debian.version(deb)
-        root = debian.extract(source.package, deb, args.cache)
-        stanzas = read_copyright(root / f"usr/share/doc/{source.package}/copyright")
+    def package(self, source: Source, prepared: tuple) -> None:
+        root, version, stanzas = prepared
         base = dict(package=source.package, version=version)
-        print(f"{source.package} {version}: {deb.name} ({deb.stat().st_size / 1e6:.0f} MB)", flush=True)
         try:
             for model in source.models(root):
                 self.model(source, model, stanzas, base)
@@ -130,7 +126,7 @@ class Run:
     def clip(self, source: Source, model: Model, clip: Clip, stanzas, base: dict) -> None:
         licence, holders = licences(stanzas, clip.files)
         row = dict(base, format=model.format, model=model.key, clip=clip.name, licence=licence,
-                   attribution=holders, files=" ".join(clip.files))
+                   attribution=holders, files=";".join(clip.files))
         self.rows.append(row)
         if clip.error:
             row.update(status="failed", reason=clip.error)
@@ -188,6 +184,16 @@ class Run:
         self.write_seconds += time.perf_counter() - start
         self.written += 1
         return "written", "", name
+
+
+def prepare(package: str, cache: Path) -> tuple[Path, str, list]:
+    """(extracted root, version, copyright paragraphs) of a package, downloaded and unpacked when needed."""
+    deb = debian.fetch(package, cache)
+    version = debian.version(deb)
+    root = debian.extract(package, deb, cache)
+    stanzas = read_copyright(root / f"usr/share/doc/{package}/copyright")
+    print(f"{package} {version}: {deb.name} ({deb.stat().st_size / 1e6:.0f} MB)", flush=True)
+    return root, version, stanzas
 
 
 def _kept(path: Path, read, packages: set[str]) -> list[dict]:
@@ -266,8 +272,10 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     start, run = time.perf_counter(), Run(args)
-    for package in dict.fromkeys(args.packages):
-        run.package(known[package])
+    # every package is fetched first: a download refused (no apt, no network) stops the run before any writing
+    prepared = {package: prepare(package, args.cache) for package in dict.fromkeys(args.packages)}
+    for package, found in prepared.items():
+        run.package(known[package], found)
     done = set(args.packages)
     rows = _kept(args.out / CLIPS_CSV, _read_csv, done) + run.rows
     _write_csv(args.out / CLIPS_CSV, rows)
