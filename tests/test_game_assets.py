@@ -438,4 +438,5 @@ def test_missing_apt_is_one_line(tmp_path, capsys, monkeypatch):
     status = cli.run(main, ["--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "--packages", "cube2-data"])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == cli.EXIT_BAD_INPUT and len(err) == 1
-    assert "apt-get not found" in err[0] and "debs/" in err[0]
+    assert ": error: apt-get not found" in err[0] and "debs/" in err[0]
+    assert not (tmp_path / "c").exists() and not (tmp_path / "o").exists()  # refused before creating anything

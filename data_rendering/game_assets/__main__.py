@@ -269,11 +269,10 @@ def main(argv=None) -> int:
         debian.refuse_reserved(package)
         if package not in known:
             raise InputError(f"{package}: no reader for this package (supported: {', '.join(known)})")
-    args.out.mkdir(parents=True, exist_ok=True)
-
     start, run = time.perf_counter(), Run(args)
     # every package is fetched first: a download refused (no apt, no network) stops the run before any writing
     prepared = {package: prepare(package, args.cache) for package in dict.fromkeys(args.packages)}
+    args.out.mkdir(parents=True, exist_ok=True)
     for package, found in prepared.items():
         run.package(known[package], found)
     done = set(args.packages)

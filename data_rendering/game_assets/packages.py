@@ -20,10 +20,14 @@ def refuse_reserved(package: str) -> None:
         raise InputError(f"{package}: reserved for evaluation ({', '.join(RESERVED)}); never read for training data")
 
 
-def _run(argv: list[str], what: str, cwd: Path | None = None) -> str:
-    if shutil.which(argv[0]) is None:
-        raise InputError(f"{argv[0]} not found: cannot {what} (on a system without apt, put the package's .deb "
+def _require(tool: str, what: str) -> None:
+    if shutil.which(tool) is None:
+        raise InputError(f"{tool} not found: cannot {what} (on a system without apt, put the package's .deb "
                          f"file into the cache's debs/ folder)")
+
+
+def _run(argv: list[str], what: str, cwd: Path | None = None) -> str:
+    _require(argv[0], what)
     done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
     if done.returncode != 0:
         lines = [line for line in (done.stderr or done.stdout).splitlines() if line.strip()]
@@ -37,6 +41,7 @@ def fetch(package: str, cache: Path) -> Path:
     debs = cache / "debs"
     found = sorted(debs.glob(f"{package}_*.deb"))
     if not found:
+        _require("apt-get", f"download {package}")  # before anything is created in the cache
         debs.mkdir(parents=True, exist_ok=True)
         _run(["apt-get", "download", package], f"download {package}", cwd=debs)
         found = sorted(debs.glob(f"{package}_*.deb"))
