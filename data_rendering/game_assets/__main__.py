@@ -120,8 +120,13 @@ class Run:
                 self.clip(source, model, clip, stanzas, base)
         except (InputError, ValueError, OSError) as e:  # the model's files: one line, then the next model
             why = cli.one_line(e)
-            self.failures.append((model.key, why if model.key.split("!")[-1] in why else f"{model.key}: {why}"))
+            why = why if model.key.split("!")[-1] in why else f"{model.key}: {why}"
+            self.fail(f"{source.tag}__{model_label(model.key)}", why)
             self.rows.append(dict(base, format=model.format, model=model.key, clip="*", status="failed", reason=why))
+
+    def fail(self, name: str, why: str) -> None:
+        self.failures.append((name, why))
+        print(f"{name}: failed: {why}", file=sys.stderr, flush=True)
 
     def clip(self, source: Source, model: Model, clip: Clip, stanzas, base: dict) -> None:
         licence, holders = licences(stanzas, clip.files)
@@ -130,7 +135,7 @@ class Run:
         self.rows.append(row)
         if clip.error:
             row.update(status="failed", reason=clip.error)
-            self.failures.append((f"{model.key} {clip.name}", clip.error))
+            self.fail(f"{source.tag}__{model_label(model.key)}__{slug(clip.name)}", clip.error)
             return
         row["source_frames"] = len(clip.frames)
         status, reason, sample = self.judge(source, model, clip, row)
