@@ -13,7 +13,6 @@ needed here (the renderer takes face normals); the index is kept and checked to 
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,7 +89,7 @@ class AnmClip:
 def read_anm(text: str, where: str, num_frames: int) -> list[AnmClip]:
     clips = []
     for lineno, line in enumerate(text.splitlines(), 1):
-        parts = re.split(r"//", line, maxsplit=1)[0].split()
+        parts = line.split("//", 1)[0].split()
         if not parts:
             continue
         try:
