@@ -296,7 +296,7 @@ def _normalize_quaternions(q: np.ndarray) -> np.ndarray:
     return np.where(norm > 0, q / np.where(norm > 0, norm, 1.0), np.array([0.0, 0.0, 0.0, 1.0]))
 
 
-def _trs_matrices(t: np.ndarray, q: np.ndarray, s: np.ndarray) -> np.ndarray:
+def trs_matrices(t: np.ndarray, q: np.ndarray, s: np.ndarray) -> np.ndarray:
     """(..., 4, 4) = T * R * S from translations (..., 3), quaternions (..., 4) as x, y, z, w, and scales (..., 3)."""
     x, y, z, w = np.moveaxis(_normalize_quaternions(q), -1, 0)
     rot = np.stack([
@@ -467,7 +467,7 @@ def _world_matrices(doc: _GltfFile, animated: dict[tuple[int, str], np.ndarray],
             r = animated.get((n, "rotation"), np.asarray(node.get("rotation", [0.0, 0.0, 0.0, 1.0]), float))
             s = animated.get((n, "scale"), np.asarray(node.get("scale", [1.0, 1.0, 1.0]), float))
             t, r, s = (np.broadcast_to(a, (num_times, a.shape[-1])) for a in (t, r, s))
-            local = _trs_matrices(t, r, s)
+            local = trs_matrices(t, r, s)
         world[:, n] = world[:, parent[n]] @ local if n in parent else local
     return world
 

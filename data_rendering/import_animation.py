@@ -48,7 +48,7 @@ STATIC_THRESHOLD = 0.01      # the published renderer's "is it moving" test (nor
 _COMPANIONS = {".bin", ".png", ".jpg", ".jpeg", ".webp", ".mtl", ".txt", ".json", ".md"}  # files that go with inputs
 
 
-def _y_up_to_z_up(v: np.ndarray) -> np.ndarray:
+def y_up_to_z_up(v: np.ndarray) -> np.ndarray:
     return np.stack([v[..., 0], -v[..., 2], v[..., 1]], axis=-1)  # Blender's importer conversion
 
 
@@ -126,6 +126,15 @@ def _read_mtl(obj_path: Path, libs: list[str]) -> dict[str, dict]:
     return materials
 
 
+def weld_corners(faces: np.ndarray, uv_faces: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One vertex per distinct (position, texture coordinate) pair of the triangle corners, for files that index the
+    two separately (OBJ, MD2): (position index per vertex, texture coordinate index per vertex, faces (F, 3) into the
+    new vertices). Vertices repeat along uv seams."""
+    corners = np.stack([faces.ravel(), uv_faces.ravel()], axis=1)
+    unique, inverse = np.unique(corners, axis=0, return_inverse=True)
+    return unique[:, 0], unique[:, 1], inverse.reshape(-1, 3)
+
+
 def _obj_appearance(path: Path, obj: dict) -> tuple[np.ndarray, dict]:
     """(vertex map into the OBJ's positions, MeshSequence colour fields): a texture splits vertices along uv seams."""
     faces, n = obj["faces"], len(obj["positions"])
@@ -137,10 +146,8 @@ def _obj_appearance(path: Path, obj: dict) -> tuple[np.ndarray, dict]:
             texture = np.asarray(Image.open(textured[0]).convert("RGB"), np.float32) / 255.0
         except OSError as e:
             raise InputError(f"{textured[0]}: cannot read the texture of {path} ({e})") from None
-        corners = np.stack([faces.ravel(), obj["uv_faces"].ravel()], axis=1)
-        unique, inverse = np.unique(corners, axis=0, return_inverse=True)
-        return unique[:, 0], dict(faces=inverse.reshape(-1, 3), uvs=obj["uvs"][unique[:, 1]].astype(np.float32),
-                                  texture=texture)
+        vertex_map, uv_map, faces = weld_corners(faces, obj["uv_faces"])
+        return vertex_map, dict(faces=faces, uvs=obj["uvs"][uv_map].astype(np.float32), texture=texture)
     if any("Kd" in m for m in used):
         colors = np.full((n, 3), 0.7, np.float32)
         for k in range(3):  # a vertex shared by several materials takes one of them
@@ -203,10 +210,13 @@ def load_npz(path: Path) -> tuple[np.ndarray, dict, dict]:
 
 
 # ----------------------------------------------------------------------------------------------- common
-def resample(vertices: np.ndarray, frames: int, stride: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """(frames, V, 3) at source positions spread over the sequence, or every stride-th (held at the end)."""
+def resample(vertices: np.ndarray, frames: int, stride: int | None, until: float | None = None) \
+        -> tuple[np.ndarray, np.ndarray]:
+    """(frames, V, 3) at source positions spread over the sequence (or over [0, until]), or every stride-th (held at
+    the end)."""
     last = len(vertices) - 1
-    where = np.minimum(np.arange(frames) * stride, last) if stride else np.linspace(0, last, frames)
+    end = last if until is None else min(until, last)
+    where = np.minimum(np.arange(frames) * stride, last) if stride else np.linspace(0, end, frames)
     lo = np.floor(where).astype(int)
     hi, w = np.minimum(lo + 1, last), (where - lo)[:, None, None]
     return (1 - w) * vertices[lo] + w * vertices[hi], where
@@ -263,22 +273,35 @@ def load_input(path: Path, args) -> tuple[MeshSequence, dict]:
         if args.fps:
             raise InputError(f"{path}: --fps applies to glTF clips only; use --stride for frame sequences")
         vertices, fields, source = load_obj_sequence(path) if kind == "obj" else load_npz(path)
-        check_geometry(path, vertices, fields["faces"])
-        source["source_frames"] = len(vertices)
-        vertices, where = resample(vertices, args.frames, args.stride)
-        source["frame_positions"] = [round(float(x), 6) for x in where]
         if up == "y":
-            vertices = _y_up_to_z_up(vertices)
-    check_geometry(path, vertices, fields["faces"])
-    vertices, centre, extent = normalize(vertices)
-    seq = MeshSequence(vertices, **fields)
-    motion = float(np.linalg.norm(seq.vertices - seq.vertices[:1], axis=-1).mean())
+            vertices = y_up_to_z_up(vertices)
+    seq, prepared = prepared_sequence(path, vertices, fields, None if kind in ("gltf", "glb") else args.frames,
+                                      args.stride)
+    motion = prepared["mean_displacement"]
     if motion < STATIC_THRESHOLD:
         print(f"warning: {path}: nearly static (mean displacement {motion:.4f} < {STATIC_THRESHOLD})", file=sys.stderr)
     source.update(source=str(path), importer="data_rendering.import_animation", input_format=kind, up_axis=up,
-                  mean_displacement=motion, normalization={"centre": centre.tolist(), "extent": extent,
-                                 "note": "sample = (input, after the up-axis change, - centre) / extent"})
+                  **prepared)
     return seq, source
+
+
+def prepared_sequence(where, vertices: np.ndarray, fields: dict, frames: int | None = None,
+                      stride: int | None = None, until: float | None = None) -> tuple[MeshSequence, dict]:
+    """The normalised MeshSequence of source frames (T, V, 3) already Z up, after the refusals of check_geometry,
+    resampled to `frames` (None: kept as they are; see resample for stride and until), and what metadata.json records
+    about it. Shared with data_rendering/game_assets."""
+    check_geometry(where, vertices, fields["faces"])
+    record = {}
+    if frames is not None:
+        record["source_frames"] = len(vertices)
+        vertices, positions = resample(vertices, frames, stride, until)
+        record["frame_positions"] = [round(float(x), 6) for x in positions]
+    vertices, centre, extent = normalize(vertices)
+    seq = MeshSequence(vertices, **fields)
+    record.update(mean_displacement=float(np.linalg.norm(seq.vertices - seq.vertices[:1], axis=-1).mean()),
+                  normalization={"centre": centre.tolist(), "extent": extent,
+                                 "note": "sample = (input, after the up-axis change, - centre) / extent"})
+    return seq, record
 
 
 def find_inputs(path: Path) -> tuple[list[Path], bool]:
@@ -304,17 +327,20 @@ def add_to_list(path: Path, names: list[str]) -> None:
         layout.write_list_file(path, lines + new)
 
 
-def import_one(path: Path, name: str, args) -> str:
-    input_kind(path)
+def sample_folder(where, out: Path, name: str) -> Path:
+    """out / name, for a name that stays inside `out` and fits on a list-file line (InputError naming `where`)."""
     try:
-        final = layout.resolve_sample(args.out, name)
+        final = layout.resolve_sample(out, name)
         if re.search(r"[\s#]", name):
             raise ValueError("whitespace or '#' would break the list files")
     except ValueError as e:
-        raise InputError(f"{path}: bad sample name {name!r}: {e}") from None
-    if final.exists() and not args.overwrite:
-        return "exists, skipped (--overwrite replaces it)"
-    seq, meta = load_input(path, args)
+        raise InputError(f"{where}: bad sample name {name!r}: {e}") from None
+    return final
+
+
+def write_prepared(seq: MeshSequence, meta: dict, final: Path, name: str, args) -> str:
+    """The synthetic writer's sample folder for a normalised sequence (args: seed, views, res, extractor,
+    write_meshes, overwrite); the random views are drawn from the seed and the sample name."""
     from data_rendering.synthetic_dataset import write_sample  # imported late: refusals and --help need no torch
 
     seed = args.seed * 1_000_003 + zlib.crc32(name.encode()) % 1_000_003  # different random views per sample
@@ -322,28 +348,47 @@ def import_one(path: Path, name: str, args) -> str:
     return f"{seq.num_frames} frames, {seq.vertices.shape[1]} vertices, {len(seq.faces)} faces"
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="import_animation", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("input", type=Path, help="glTF / GLB / npz file, folder of .obj frames, or a folder of those")
+def import_one(path: Path, name: str, args) -> str:
+    input_kind(path)
+    final = sample_folder(path, args.out, name)
+    if final.exists() and not args.overwrite:
+        return "exists, skipped (--overwrite replaces it)"
+    seq, meta = load_input(path, args)
+    return write_prepared(seq, meta, final, name, args)
+
+
+def add_writer_options(ap: argparse.ArgumentParser) -> None:
+    """--out and the options of the written sample folders (shared with data_rendering/game_assets)."""
     ap.add_argument("--out", type=Path, required=True, help="data root (sample folders and list files)")
     ap.add_argument("--frames", type=int, default=DEFAULT_FRAMES)
     ap.add_argument("--views", type=int, default=16, help="views per frame (8 fixed, then random)")
     ap.add_argument("--res", type=int, default=128, help="render resolution (square)")
+    ap.add_argument("--extractor", default="patch", help="features lifted onto the voxels (patch, dinov2_vitl14_reg)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--write-meshes", action="store_true", help="also write objs/frame{t}.obj (normalised)")
+    ap.add_argument("--overwrite", action="store_true", help="replace existing samples")
+
+
+def refuse_below(args, limits) -> None:
+    """InputError for the first (option, least value) whose given value is below its least (None: not given)."""
+    for option, least in limits:
+        if getattr(args, option) is not None and not getattr(args, option) >= least:
+            raise InputError(f"--{option} must be {'positive' if 0 < least < 1 else f'at least {least}'}, "
+                             f"got {getattr(args, option)}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="import_animation", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("input", type=Path, help="glTF / GLB / npz file, folder of .obj frames, or a folder of those")
+    add_writer_options(ap)
     ap.add_argument("--name", help="sample name (one input only; default the file or folder stem)")
     ap.add_argument("--fps", type=float, help="glTF: consecutive frames at this rate from the first key")
     ap.add_argument("--stride", type=int, help="every k-th frame (glTF: of --fps, default 24)")
     ap.add_argument("--up-axis", choices=("y", "z"), help="the input's up axis (default y for glTF / OBJ, z for npz)")
-    ap.add_argument("--extractor", default="patch", help="features lifted onto the voxels (patch, dinov2_vitl14_reg)")
     ap.add_argument("--split", choices=("train", "test"), help="also list the samples in train.txt or test.txt")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--write-meshes", action="store_true", help="also write objs/frame{t}.obj (normalised)")
-    ap.add_argument("--overwrite", action="store_true", help="replace existing samples")
     args = ap.parse_args(argv)
-    for option, least in (("frames", 2), ("views", 1), ("res", 1), ("stride", 1), ("fps", 1e-9)):
-        if getattr(args, option) is not None and not getattr(args, option) >= least:
-            raise InputError(f"--{option} must be {'positive' if option == 'fps' else f'at least {least}'}, "
-                             f"got {getattr(args, option)}")
+    refuse_below(args, (("frames", 2), ("views", 1), ("res", 1), ("stride", 1), ("fps", 1e-9)))
     inputs, batch = find_inputs(args.input)
     if args.name and batch:
         raise InputError(f"{args.input}: --name needs a single input, the folder holds {len(inputs)}")

@@ -88,6 +88,25 @@ def mean_displacement(vertices) -> float:
     return float(np.linalg.norm(v - v[:1], axis=-1).mean())
 
 
+def motion_faults(vertices) -> dict[str, str]:
+    """The rules every training object keeps that a normalised (T, V, 3) animation breaks, as {rule: why}: "bounds"
+    (a coordinate outside ±BOUND), "speed" (a vertex moving more than MAX_SPEED / T in one frame) and "static" (mean
+    displacement under MIN_DISPLACEMENT). Empty when it keeps them all. Shared with data_rendering/game_assets, which
+    holds real clips to the same rules."""
+    v = np.asarray(vertices, dtype=np.float64)
+    faults = {}
+    reach, limit = float(np.abs(v).max()), MAX_SPEED / len(v)
+    step = float(np.linalg.norm(np.diff(v, axis=0), axis=-1).max())
+    if reach > BOUND:
+        faults["bounds"] = f"a coordinate reaches {reach:.3f} > {BOUND}"
+    if step > limit:
+        faults["speed"] = f"a vertex moves {step:.3f} > {limit:.3f} in one frame"
+    motion = mean_displacement(v)
+    if motion < MIN_DISPLACEMENT:
+        faults["static"] = f"mean displacement {motion:.4f} < {MIN_DISPLACEMENT}"
+    return faults
+
+
 # ============================================================================================== skinning
 def chain_weights(s, num_bones: int, blend: float = 0.3) -> np.ndarray:
     """Skinning weights (V, num_bones) for points at chain coordinate s in [0, num_bones] (bone i spans [i, i+1]).
@@ -881,9 +900,8 @@ def _fit(shape, motion, params, tau, yaw):
     amp = 1.0
     for _ in range(20):
         verts, transforms = _animate(shape, motion, params, tau, amp, yaw)
-        step = np.linalg.norm(np.diff(verts, axis=0), axis=-1).max()
-        inside = float(np.abs(verts).max()) <= BOUND and step <= MAX_SPEED / len(tau)
-        moving = mean_displacement(verts) >= MIN_DISPLACEMENT
+        faults = motion_faults(verts)
+        inside, moving = not ({"bounds", "speed"} & faults.keys()), "static" not in faults
         if inside and moving:
             return verts, transforms, amp
         if not inside:

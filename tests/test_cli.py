@@ -101,3 +101,8 @@ def test_a_refusal_under_a_live_progress_bar_starts_its_own_line(capsys):
     last = capsys.readouterr().err.splitlines()[-1]
     prog, message = last.split(": error: ")
     assert message == "dl/imgs/x.png: outside the data root" and "train" not in prog, last
+
+
+def test_tool_name_of_a_script_and_of_a_package_run_with_dash_m():
+    assert cli.tool_name("/r/data_rendering/import_animation.py") == "import_animation"
+    assert cli.tool_name("/r/data_rendering/game_assets/__main__.py") == "game_assets"

@@ -48,7 +48,10 @@ def one_line(exc: BaseException) -> str:
 
 
 def tool_name(argv0: str | None = None) -> str:
-    name = os.path.basename(argv0 or sys.argv[0] or "gvf")
+    path = argv0 or sys.argv[0] or "gvf"
+    name = os.path.basename(path)
+    if name == "__main__.py":  # `python -m package`: the package is the tool
+        return os.path.basename(os.path.dirname(os.path.abspath(path)))
     return name[:-3] if name.endswith(".py") else name
 
 
