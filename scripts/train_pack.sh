@@ -4,6 +4,7 @@
 #
 #   scripts/train_pack.sh                       # configs/small on this machine (one GPU: about 25 minutes)
 #   scripts/train_pack.sh --scale tiny --num 24 --vae-set train.max_steps=20 --dit-set train.max_steps=20
+#   scripts/train_pack.sh --real data/real      # synthetic + real animations (python -m data_rendering.game_assets)
 #
 # Rerun the same command to continue: finished stages are skipped (their stamps are in <runs>/done/), an interrupted
 # training stage resumes from its last checkpoint, the data generator keeps the objects it already wrote. SIGTERM or
@@ -19,7 +20,10 @@ usage() {
 Usage: scripts/train_pack.sh [options]
   --scale NAME     configs/NAME/{vae,diffusion}.yml (default: small)
   --data DIR       dataset root (default: data/NAME)
-  --runs DIR       runs, pack, evaluation and stage stamps (default: runs/NAME)
+  --runs DIR       runs, pack, evaluation and stage stamps (default: runs/NAME, runs/NAME_mixed with --real)
+  --real DIR       also train on the prepared real animations in DIR (data_rendering.game_assets --out DIR, made
+                   with the scale's frames, views and resolution): its samples are hard-linked into the data root,
+                   its train.txt joins the synthetic one, and the pack is evaluated on both test lists
   --num N          synthetic objects (default: 2000)
   --test-fraction F  held-out share of them (default: 0.06)
   --seed S         data seed (default: 2)
@@ -31,7 +35,7 @@ Usage: scripts/train_pack.sh [options]
 EOF
 }
 
-scale=small data="" runs="" num=2000 test_fraction=0.06 seed=2 workers="" eval_limit=""
+scale=small data="" runs="" real="" num=2000 test_fraction=0.06 seed=2 workers="" eval_limit=""
 vae_set=() dit_set=()
 py=.venv/bin/python; [ -x "$py" ] || py=python3
 while [ $# -gt 0 ]; do
@@ -39,6 +43,7 @@ while [ $# -gt 0 ]; do
     --scale) scale="$2"; shift ;;
     --data) data="$2"; shift ;;
     --runs) runs="$2"; shift ;;
+    --real) real="$2"; shift ;;
     --num) num="$2"; shift ;;
     --test-fraction) test_fraction="$2"; shift ;;
     --seed) seed="$2"; shift ;;
@@ -54,7 +59,8 @@ while [ $# -gt 0 ]; do
 done
 vae_cfg=configs/$scale/vae.yml dit_cfg=configs/$scale/diffusion.yml
 for f in "$vae_cfg" "$dit_cfg"; do [ -f "$f" ] || { echo "train_pack.sh: $f not found (--scale $scale)" >&2; exit 2; }; done
-data=${data:-data/$scale} runs=${runs:-runs/$scale}
+data=${data:-data/$scale} runs=${runs:-runs/$scale${real:+_mixed}}
+[ -z "$real" ] || [ -f "$real/train.txt" ] || { echo "train_pack.sh: $real/train.txt not found (--real)" >&2; exit 2; }
 workers=${workers:-$(nproc)}
 mkdir -p "$runs/done" "$data"
 times="$runs/minutes.tsv"
@@ -97,26 +103,37 @@ stage() {
 
 stage data "$py" -m data_rendering.synthetic --out "$data" --num "$num" --frames "$frames" --views "$views" \
   --res "$res" --test-fraction "$test_fraction" --seed "$seed" --workers "$workers"
+train_list=$data/train.txt
+if [ -n "$real" ]; then
+  # One data root for the trainers: the real samples are hard links beside the synthetic ones (no copy, no symlink
+  # for the layout's confinement to refuse); their names (<game>__<model>__<clip>) never clash with obj_XXXXX.
+  stage real bash -c 'set -e; while read -r n; do if [ -n "$n" ] && [ ! -e "$2/$n" ]; then cp -al "$1/$n" "$2/$n"; fi
+    done < "$1/all.txt"; cp "$1/train.txt" "$2/real_train.txt"; cp "$1/test.txt" "$2/real_test.txt"
+    cat "$2/train.txt" "$2/real_train.txt" > "$2/train_mixed.txt"' _ "$real" "$data"
+  train_list=$data/train_mixed.txt
+fi
 resume() { [ -e "$1/checkpoints/latest" ] && echo "--resume latest" || true; }
 # shellcheck disable=SC2046  # resume prints nothing or two words
-stage vae "$py" main_vae.py --config "$vae_cfg" --data-root "$data" --list "$data/train.txt" --out "$runs/vae" \
+stage vae "$py" main_vae.py --config "$vae_cfg" --data-root "$data" --list "$train_list" --out "$runs/vae" \
   $(resume "$runs/vae") "${vae_set[@]}"
 stage latents "$py" encode_latent.py --config "$vae_cfg" --diffusion-config "$dit_cfg" --data-root "$data" \
-  --list "$data/train.txt" --vae-run "$runs/vae" --stats-dir "$runs/stats" \
+  --list "$train_list" --vae-run "$runs/vae" --stats-dir "$runs/stats" \
   $( [ "$gpu" = 1 ] && echo "--precision bf16" ) "${vae_set[@]}"
 # shellcheck disable=SC2046
-stage dit "$py" main_latent.py --config "$dit_cfg" --data-root "$data" --list "$data/train.txt" --out "$runs/dit" \
+stage dit "$py" main_latent.py --config "$dit_cfg" --data-root "$data" --list "$train_list" --out "$runs/dit" \
   $(resume "$runs/dit") data.stats_dir="$runs/stats" "${dit_set[@]}"
 stage pack "$py" scripts/make_pack.py --vae-run "$runs/vae" --dit-run "$runs/dit" --stats-dir "$runs/stats" \
-  --data-root "$data" --train-list "$data/train.txt" --vae-config "$vae_cfg" --config "$dit_cfg" --out "$runs/pack" \
+  --data-root "$data" --train-list "$train_list" --vae-config "$vae_cfg" --config "$dit_cfg" --out "$runs/pack" \
   --overwrite
 # The pack carries the training set's mean latent (the mean-motion baseline): evaluation needs no training list.
 stage evaluate "$py" scripts/evaluate.py --pack "$runs/pack" --data-root "$data" --list "$data/test.txt" \
   --out "$runs/eval" ${eval_limit:+--limit "$eval_limit"}
+[ -z "$real" ] || stage evaluate_real "$py" scripts/evaluate.py --pack "$runs/pack" --data-root "$data" \
+  --list "$data/real_test.txt" --out "$runs/eval_real" ${eval_limit:+--limit "$eval_limit"}
 
 echo
 echo "| stage | minutes |"
 echo "|---|---|"
 awk -F'\t' '{m[$1] += $2; if (!($1 in o)) { o[$1] = n++ } } END { for (s in o) k[o[s]] = s;
   for (i = 0; i < n; i++) { printf "| %s | %.1f |\n", k[i], m[k[i]] / 60; t += m[k[i]] } printf "| total | %.1f |\n", t / 60 }' "$times"
-echo "pack: $runs/pack   evaluation: $runs/eval/metrics.md"
+echo "pack: $runs/pack   evaluation: $runs/eval/metrics.md${real:+, real test split: $runs/eval_real/metrics.md}"
