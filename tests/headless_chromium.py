@@ -181,12 +181,15 @@ class Page:
         return result["result"].get("value")
 
     def wait_for(self, expression: str, timeout: float = 60.0, poll: float = 0.1):
-        """Poll until the expression is truthy; returns its value. TimeoutError names the page's errors so far."""
+        """Poll until the expression is truthy; returns its value. An error on the page ends the wait at once
+        (DevToolsError); TimeoutError names the page's errors so far."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             value = self.evaluate(expression)
             if value:
                 return value
+            if self.errors():
+                raise DevToolsError(f"while waiting for {expression!r}, the page reported: {self.errors()}")
             self.browser.pump(poll)
         raise TimeoutError(f"waited {timeout:.0f} s for {expression!r}; page errors: {self.errors()}")
 
