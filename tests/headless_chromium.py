@@ -133,7 +133,7 @@ class HeadlessChromium:
         """A new tab of a fixed viewport (CSS pixels = device pixels) showing `url`, returned once it has loaded."""
         target = self.send("Target.createTarget", url="about:blank")["targetId"]
         session = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-        page = Page(self, session)
+        page = Page(self, session, url)
         for domain in ("Page", "Runtime", "Log", "Network"):
             self.send(f"{domain}.enable", session)
         self.send("Emulation.setDeviceMetricsOverride", session, width=width, height=height, deviceScaleFactor=1,
@@ -169,8 +169,8 @@ class HeadlessChromium:
 
 
 class Page:
-    def __init__(self, browser: HeadlessChromium, session: str):
-        self.browser, self.session = browser, session
+    def __init__(self, browser: HeadlessChromium, session: str, url: str):
+        self.browser, self.session, self.url = browser, session, url
 
     def evaluate(self, expression: str, timeout: float | None = None):
         """The value of a JavaScript expression (promises awaited); a thrown exception raises DevToolsError."""
