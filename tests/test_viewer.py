@@ -22,6 +22,7 @@ from PIL import Image
 
 from headless_chromium import HeadlessChromium, find_chromium
 from pipeline.viewer import viewer_from_result, write_viewer
+from render_reference import random_scene
 from scripts.render_gaussians import example_torus
 from utils.cameras import orbit_cameras
 from utils.cli import InputError
@@ -243,6 +244,20 @@ def test_non_square_view_dark_background_and_target(browser, scene):
     page, shot = screenshot(browser, folder, "frame=2&az=-70&el=-25&radius=1.6&fov=55&tx=0.1&ty=0&tz=0.05&bg=black&play=0", w, h)
     ext, k = orbit_cameras(-70.0, -25.0, 1.6, 55.0, target=(0.1, 0.0, 0.05), aspect=w / h)
     ref = rasterize(frames[2], ext, k, w, h, background=0.0, backend="torch").rgb[0].clamp(0, 1).numpy()
+    assert psnr(shot, ref) >= 40, psnr(shot, ref)
+    assert page.errors() == []
+
+
+def test_small_translucent_splats(browser, tmp_path):
+    """Sparse, mostly sub-pixel Gaussians of every opacity: the image is made of the 2D low-pass and its opacity
+    compensation, which a dense opaque surface hides."""
+    g = random_scene(3000, seed=4, scale_range=(-7.5, -5.0))
+    delta = torch.randn(2, 3000, 14, generator=torch.Generator().manual_seed(5)) * 0.05
+    write_viewer(tmp_path, g, delta, fps=2.0)
+    w = h = 128
+    page, shot = screenshot(browser, tmp_path, "frame=1&az=200&el=35&radius=2.2&fov=45&bg=black&play=0", w, h)
+    ext, k = orbit_cameras(200.0, 35.0, 2.2, 45.0)
+    ref = rasterize(g.apply_delta(delta)[1], ext, k, w, h, background=0.0, backend="torch").rgb[0].clamp(0, 1).numpy()
     assert psnr(shot, ref) >= 40, psnr(shot, ref)
     assert page.errors() == []
 
