@@ -290,3 +290,47 @@ def test_playing_advances_frames_and_the_input_video_follows(browser, scene):
     green = np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB"), np.float64)[..., 1]
     assert abs(green.mean() - 60 * frame) < 8                                    # the input frame of the shown frame
     assert page.errors() == []
+
+
+# --- scripts/view.py -----------------------------------------------------------------------------------------------
+def test_view_script_writes_once_and_refuses_in_one_line(tmp_path, capsys):
+    from scripts.view import main
+    from utils import cli
+
+    g, delta = moving_torus(200, frames=2)
+    write_result(tmp_path / "obj", g, delta, fps=5.0)
+    assert cli.run(main, [str(tmp_path / "obj"), "--no-open"]) == 0
+    page = tmp_path / "obj" / "viewer.html"
+    assert read_viewer(page)[0]["fps"] == 5.0
+    assert f"open {page.resolve().as_uri()}" in capsys.readouterr().out
+    stamp = page.stat().st_mtime_ns
+    assert cli.run(main, [str(tmp_path / "obj"), "--no-open", "--query", "frame=1&bg=white"]) == 0
+    assert page.stat().st_mtime_ns == stamp and "viewer.html?frame=1&bg=white" in capsys.readouterr().out
+
+    for folder, named in [(tmp_path / "missing", "missing: no such folder"), (tmp_path, "animation.npz: no such file")]:
+        assert cli.run(main, [str(folder), "--no-open"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and named in err, err
+
+
+def test_view_script_help_and_serve(tmp_path):
+    import subprocess
+    import sys
+    import urllib.request
+
+    run = lambda *a: subprocess.run([sys.executable, "scripts/view.py", *a], cwd=ROOT, capture_output=True, text=True,
+                                    timeout=60)
+    p = run("--help")
+    assert p.returncode == 0 and "--serve" in p.stdout
+    g, delta = moving_torus(200, frames=2)
+    write_viewer(tmp_path, g, delta, fps=5.0)
+    server = subprocess.Popen([sys.executable, "scripts/view.py", str(tmp_path), "--serve", "--port", "0", "--no-open"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        url = re.search(r"(http://\S+)", line).group(1)
+        with urllib.request.urlopen(url, timeout=30) as r:
+            assert r.read() == (tmp_path / "viewer.html").read_bytes()
+    finally:
+        server.terminate()
+        server.wait(30)
