@@ -5,10 +5,13 @@
     python scripts/view.py outputs/demo/obj_00023 --serve         # serves the folder: http://127.0.0.1:8000/viewer.html
     python scripts/view.py outputs/demo/obj_00023 --rewrite --no-open   # rebuild viewer.html from animation.npz only
     python scripts/view.py outputs/demo/obj_00023 --query "frame=3&az=30&el=20&bg=white&play=0"
+    python scripts/view.py outputs/demo/obj_00023 --query "frame=3&az=30&bg=white&play=0" --screenshot viewer.png
 
 viewer.html is built from the folder's animation.npz (and compare.mp4's input column, summary.json's fps); see
 pipeline/viewer.py for its URL parameters (frame, az, el, radius, fov, tx ty tz, w h, bg, play, speed, ui, bench).
 --serve is for browsers that refuse file:// pages or for viewing from another machine; the file itself needs no server.
+--screenshot saves a PNG of the page (panel included; `ui=0` in --query leaves it out) from headless Chromium with
+software WebGL, once the requested frame and view are drawn; it needs Chromium (Debian: apt-get install chromium).
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ def main(argv=None):
     ap.add_argument("--host", default="127.0.0.1", help="with --serve; 0.0.0.0 to allow other machines")
     ap.add_argument("--query", default="", help="URL parameters for the opened page, e.g. 'frame=3&az=30&bg=white'")
     ap.add_argument("--no-open", action="store_true", help="do not start a browser")
+    ap.add_argument("--screenshot", type=Path, help="save a PNG of the page from headless Chromium instead of opening it")
+    ap.add_argument("--size", default="900x560", help="with --screenshot: window size WxH in pixels")
     args = ap.parse_args(argv)
 
     folder = args.folder
@@ -43,6 +48,10 @@ def main(argv=None):
         print(f"wrote {page} ({page.stat().st_size / 2**20:.1f} MiB)")
     query = f"?{args.query.lstrip('?')}" if args.query else ""
 
+    if args.screenshot:
+        screenshot(page.resolve().as_uri() + query, args.screenshot, args.size)
+        print(f"wrote {args.screenshot}")
+        return 0
     if not args.serve:
         url = page.resolve().as_uri() + query
         if args.no_open or not webbrowser.open(url):
@@ -65,6 +74,27 @@ def main(argv=None):
         except KeyboardInterrupt:  # the normal way to stop serving
             pass
     return 0
+
+
+def screenshot(url: str, out: Path, size: str) -> None:
+    from utils.headless_chromium import DevToolsError, HeadlessChromium, find_chromium
+
+    try:
+        width, height = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise cli.InputError(f"--size {size!r}: expected WxH, e.g. 900x560") from None
+    binary = find_chromium()
+    if binary is None:
+        raise cli.InputError("--screenshot needs Chromium (Debian: apt-get install chromium; or set CHROMIUM=/path)")
+    with HeadlessChromium(binary, timeout=600) as browser:
+        page = browser.open(url, width, height)
+        try:
+            page.wait_for("document.documentElement.dataset.ready === '1'", timeout=600)
+        except DevToolsError as e:
+            raise cli.InputError(f"{url}: {e}") from None
+        png = page.screenshot()
+    from utils.fileio import atomic_write
+    atomic_write(out, lambda tmp: tmp.write_bytes(png), overwrite=True)
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):

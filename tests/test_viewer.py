@@ -20,13 +20,13 @@ import pytest
 import torch
 from PIL import Image
 
-from headless_chromium import HeadlessChromium, find_chromium
 from pipeline.viewer import viewer_from_result, write_viewer
 from render_reference import random_scene
 from scripts.render_gaussians import example_torus
 from utils.cameras import orbit_cameras
 from utils.cli import InputError
 from utils.gaussians import DELTA_SLICES, Gaussians
+from utils.headless_chromium import HeadlessChromium, find_chromium
 from utils.render import rasterize
 from utils.video import write_video
 
@@ -334,3 +334,16 @@ def test_view_script_help_and_serve(tmp_path):
     finally:
         server.terminate()
         server.wait(30)
+
+
+def test_view_script_screenshot(browser, scene, tmp_path, capsys):
+    from scripts.view import main
+    from utils import cli
+
+    folder, _ = scene
+    out = tmp_path / "shot.png"
+    assert cli.run(main, [str(folder), "--screenshot", str(out), "--size", "420x180", "--query", "ui=0&bg=white&play=0"]) == 0
+    img = np.asarray(Image.open(out).convert("RGB"))
+    assert img.shape == (180, 420, 3) and (img < 200).any() and (img[0, 0] == 255).all()   # the torus on white
+    assert cli.run(main, [str(folder), "--screenshot", str(out), "--size", "big"]) == 2
+    assert "--size 'big': expected WxH" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Headless Chromium for the viewer's tests and benchmark, driven over the DevTools protocol on a pipe.
+"""Headless Chromium driven over the DevTools protocol on a pipe: viewer.html's tests, benchmark and screenshots.
 
 `--remote-debugging-pipe` makes Chromium read commands on fd 3 and write replies and events on fd 4, each a JSON object
 ended by a NUL byte: no websocket client, no port, nothing beyond the standard library. WebGL runs on SwiftShader
@@ -133,7 +133,7 @@ class HeadlessChromium:
         """A new tab of a fixed viewport (CSS pixels = device pixels) showing `url`, returned once it has loaded."""
         target = self.send("Target.createTarget", url="about:blank")["targetId"]
         session = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-        page = Page(self, session, url)
+        page = Page(self, session, url, target)
         for domain in ("Page", "Runtime", "Log", "Network"):
             self.send(f"{domain}.enable", session)
         self.send("Emulation.setDeviceMetricsOverride", session, width=width, height=height, deviceScaleFactor=1,
@@ -169,8 +169,12 @@ class HeadlessChromium:
 
 
 class Page:
-    def __init__(self, browser: HeadlessChromium, session: str, url: str):
-        self.browser, self.session, self.url = browser, session, url
+    def __init__(self, browser: HeadlessChromium, session: str, url: str, target: str):
+        self.browser, self.session, self.url, self.target = browser, session, url, target
+
+    def close(self) -> None:
+        """Close the tab (its worker and GL context go with it)."""
+        self.browser.send("Target.closeTarget", targetId=self.target)
 
     def evaluate(self, expression: str, timeout: float | None = None):
         """The value of a JavaScript expression (promises awaited); a thrown exception raises DevToolsError."""
