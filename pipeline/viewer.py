@@ -3,15 +3,18 @@
     write_viewer(out, canonical, delta, fps=12.0, input_frames=frames)   # out/viewer.html
     viewer_from_result("outputs/demo/obj_00023")                         # the same from a result folder's animation.npz
 
-Why a renderer of our own (pipeline/viewer_template.html, about 500 lines of HTML, JavaScript and GLSL) rather than a
-splat-viewer library: the file must open from disk (file://) on a machine with no network, so nothing may come from a
-CDN, and a library inlined into every result would be a dependency to vendor, update and license; it would also render
-by its own conventions, whereas ours is a port of utils/render.py (the same EWA projection, 2D low-pass and opacity
-compensation, alpha clamp and cut-off, depth order and background) and of utils/cameras.py (the same orbit cameras), so
-that the browser shows what the project's renders show, and a test checks it (tests/test_viewer.py).
+Why a renderer of our own (pipeline/viewer_template.html, about 600 lines of HTML, CSS, JavaScript and GLSL) rather
+than a splat-viewer library: the file must open from disk (file://) on a machine with no network, so nothing may come
+from a CDN, and a library inlined into every result would be a dependency to vendor, update and license; it would also
+render by its own conventions, whereas ours is a port of utils/render.py (the same EWA projection, 2D low-pass and
+opacity compensation, alpha clamp and cut-off, depth order and background) and of utils/cameras.py (the same orbit
+cameras), so that the browser shows what the project's renders show, and a test checks it (tests/test_viewer.py:
+50-58 dB PSNR against utils.render.rasterize).
 
-Page: WebGL2, the Gaussians drawn back to front as screen-space quads; a Web Worker (created from a Blob URL, which
-file:// allows) decodes each frame and sorts by depth, so the page stays interactive at 200k Gaussians. URL query
+Page: WebGL2, the Gaussians drawn back to front as screen-space quads, blended into the 8-bit canvas (each blend
+rounds to 1/255; the rasterizer's front-to-back stop at transmittance 1e-4 is not reproduced, a difference below 1e-4
+of the colour); a Web Worker (created from a Blob URL, which file:// allows) decodes each frame and sorts by depth
+(a counting sort on 16-bit depth keys), so the page stays responsive at 200k Gaussians. URL query
 parameters set the view: frame, az, el, radius, fov (degrees; orbit_cameras' convention, fov horizontal), tx ty tz
 (orbit target), w h (canvas size in pixels; default: the window), bg (black | grey | white), play (0 | 1), speed,
 ui (0 hides the side panel), bench=N (renders N frames while orbiting and reports the median frame time in
