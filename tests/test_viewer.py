@@ -53,16 +53,16 @@ def moving_torus(n=3000, frames=FRAMES):
         turn = torch.tensor([math.cos(a / 2), 0.0, 0.0, math.sin(a / 2)]).expand_as(g.quat)
         moved = Gaussians(g.xyz @ rot.T + torch.tensor([0.0, 0.0, 0.08 * t]), g.f_dc + torch.tensor([0.3, -0.2, 0.1]) * t,
                           g.opacity_logit - 0.3 * t, g.scale_pre + 0.15 * t, quat_mul(turn, g.quat))
-        deltas.append(as_channels(moved, torch) - as_channels(g, torch))
+        deltas.append(as_channels(moved) - as_channels(g))
     return g, torch.stack(deltas).float()
 
 
-def as_channels(g: Gaussians, lib=np):
-    """(..., N, 14) float64 in the Δ layout (numpy, or torch with lib=torch); pipeline/viewer.to_channels not used."""
+def as_channels(g: Gaussians) -> torch.Tensor:
+    """(..., N, 14) float64 in the Δ layout (written here, not pipeline/viewer.to_channels, which is under test)."""
     out = torch.empty(*g.xyz.shape[:-1], 14, dtype=torch.float64)
     for name, s in DELTA_SLICES.items():
         out[..., s] = getattr(g, name).double()
-    return out if lib is torch else out.numpy()
+    return out
 
 
 # --- a numpy decoder that follows viewer_template.html's worker step by step ---------------------------------------------
@@ -92,11 +92,11 @@ def test_decoded_frames_match_apply_delta_within_the_quantisation_bound(tmp_path
     assert (header["count"], header["frames"], header["fps"], inputs) == (2000, FRAMES, 10.0, [])
 
     got = decode_like_js(header, payload).astype(np.float64)
-    want = as_channels(g.to(dtype=torch.float64).apply_delta(delta.double()))
+    want = as_channels(g.to(dtype=torch.float64).apply_delta(delta.double())).numpy()
     # Bound derived from the format (pipeline/viewer.py): half a canonical step (range / 65535) plus half a Δ step
     # (the frame's max |Δ| / 32767) per channel, plus the final rounding to float32; computed from the inputs here, not
     # from the file's own header.
-    values, d = as_channels(g), delta.double().numpy()
+    values, d = as_channels(g).numpy(), delta.double().numpy()
     bound = (0.5 * np.ptp(values, 0) / 65535)[None, None] + (0.5 * np.abs(d).max(1) / 32767)[:, None, :]
     bound = bound + np.abs(want) * 2.0**-24 + 1e-12
     err = np.abs(got - want)
