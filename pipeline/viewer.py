@@ -46,6 +46,7 @@ import warnings
 import zlib
 from importlib import resources
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -89,20 +90,27 @@ def byte_planes(q: np.ndarray) -> bytes:
     return (u & 0xFF).astype(np.uint8).tobytes() + (u >> 8).astype(np.uint8).tobytes()
 
 
-def quantise(canonical: Gaussians, delta: torch.Tensor) -> tuple[dict, bytes]:
-    """The header fields of the quantisation and the uncompressed payload (module docstring)."""
+def levels(x: np.ndarray, step: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """round(x / step) clipped to [lo, hi]; 0 where the step is 0 (a constant channel, a channel still in a frame)."""
+    return np.clip(np.rint(x / np.where(step > 0, step, 1.0)), lo, hi)
+
+
+def quantise(canonical: Gaussians, delta: torch.Tensor) -> tuple[dict, Iterator[bytes]]:
+    """The header fields of the quantisation and the payload's blocks, uncompressed (module docstring). The blocks are
+    made one frame at a time: a float64 copy of all of Δ would be 700 MB at 200k Gaussians and 32 frames."""
     values = to_channels(canonical)
-    d = delta.detach().to("cpu", torch.float64).numpy()
-    lo, hi = values.min(0), values.max(0)
-    step = (hi - lo) / CANONICAL_LEVELS
-    safe = np.where(step > 0, step, 1.0)   # a constant channel: every q is 0 and the offset is the value
-    q = np.clip(np.rint((values - lo) / safe), 0, CANONICAL_LEVELS).astype(np.uint16)
-    delta_step = np.abs(d).max(axis=1) / DELTA_LEVELS                                   # (T, 14), per frame
-    dq = np.clip(np.rint(d / np.where(delta_step > 0, delta_step, 1.0)[:, None]), -DELTA_LEVELS, DELTA_LEVELS)
-    dq = dq.astype(np.int16)
-    payload = b"".join([byte_planes(q)] + [byte_planes(frame) for frame in dq])
-    fields = {"offset": lo.tolist(), "step": step.tolist(), "delta_step": delta_step.tolist()}
-    return fields, payload
+    offset = values.min(0)
+    step = (values.max(0) - offset) / CANONICAL_LEVELS
+    delta = delta.detach()
+    delta_step = delta.abs().amax(dim=1).to("cpu", torch.float64).numpy() / DELTA_LEVELS    # (T, 14), per frame
+
+    def blocks():
+        yield byte_planes(levels(values - offset, step, 0, CANONICAL_LEVELS).astype(np.uint16))
+        for frame, frame_step in zip(delta, delta_step):
+            d = frame.to("cpu", torch.float64).numpy()
+            yield byte_planes(levels(d, frame_step, -DELTA_LEVELS, DELTA_LEVELS).astype(np.int16))
+
+    return {"offset": offset.tolist(), "step": step.tolist(), "delta_step": delta_step.tolist()}, blocks()
 
 
 def _check(canonical: Gaussians, delta: torch.Tensor, fps: float) -> None:
@@ -179,18 +187,20 @@ def write_viewer(folder: Path, canonical: Gaussians, delta: torch.Tensor, fps: f
     unknown = set(camera or {}) - set(DEFAULT_CAMERA)
     if unknown:
         raise ValueError(f"write_viewer: unknown camera keys {sorted(unknown)} (known: {sorted(DEFAULT_CAMERA)})")
-    fields, payload = quantise(canonical, delta)
+    fields, blocks = quantise(canonical, delta)
     header = {"format": FORMAT, "count": len(canonical), "frames": int(delta.shape[0]), "fps": float(fps),
               "channels": channel_names(), **fields, "camera": {**DEFAULT_CAMERA, **(camera or {})}}
+    zipper = zlib.compressobj(level)
+    compressed = memoryview(b"".join([zipper.compress(block) for block in blocks] + [zipper.flush()]))
     pieces = template_parts()
-    blobs = [_json_for_script(header), _json_for_script(inputs), base64.b64encode(zlib.compress(payload, level)).decode("ascii")]
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
-            for piece, blob in zip(pieces, blobs):
-                f.write(piece)
-                f.write(blob)
-            f.write(pieces[-1])
+            f.write(pieces[0] + _json_for_script(header) + pieces[1] + _json_for_script(inputs) + pieces[2])
+            chunk = 3 << 20   # a multiple of 3 bytes: the base64 of the chunks joins into the base64 of the whole
+            for i in range(0, len(compressed), chunk):
+                f.write(base64.b64encode(compressed[i:i + chunk]).decode("ascii"))
+            f.write(pieces[3])
 
     return atomic_write(path, write, overwrite=True)
 

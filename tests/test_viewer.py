@@ -167,9 +167,12 @@ def test_viewer_from_result_refusals_name_the_file(tmp_path):
         viewer_from_result(tmp_path / "partial")
 
 
-def test_template_ships_with_the_package():
+def test_template_ships_with_the_package_and_its_shaders_are_ascii():
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert "pipeline" in setuptools["packages"] and "viewer_template.html" in setuptools["package-data"]["pipeline"]
+    html = (ROOT / "pipeline" / "viewer_template.html").read_text(encoding="utf-8")
+    shaders = re.findall(r'<script id="[a-z]+-shader" type="x-shader/[a-z-]+">(.*?)</script>', html, re.S)
+    assert len(shaders) == 2 and all(src.isascii() for src in shaders)   # older WebGL stacks refuse other characters
 
 
 # --- in the browser --------------------------------------------------------------------------------------------------
