@@ -27,7 +27,7 @@ from utils import cli
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("folder", type=Path, help="an inference result folder (holds animation.npz)")
+    ap.add_argument("folder", type=Path, help="an inference result folder (holds animation.npz), or its viewer.html")
     ap.add_argument("--rewrite", action="store_true", help="rebuild viewer.html even if it exists")
     ap.add_argument("--serve", action="store_true", help="serve the folder over http instead of opening the file")
     ap.add_argument("--port", type=int, default=8000, help="with --serve (0: any free port)")
@@ -39,6 +39,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     folder = args.folder
+    if folder.is_file() and folder.name in ("viewer.html", "animation.npz"):  # the folder meant, named by a file in it
+        folder = folder.parent
     if not folder.is_dir():
         raise cli.InputError(f"{folder}: no such folder (give an inference result folder)")
     page = folder / "viewer.html"

@@ -309,6 +309,7 @@ def test_view_script_writes_once_and_refuses_in_one_line(tmp_path, capsys):
     stamp = page.stat().st_mtime_ns
     assert cli.run(main, [str(tmp_path / "obj"), "--no-open", "--query", "frame=1&bg=white"]) == 0
     assert page.stat().st_mtime_ns == stamp and "viewer.html?frame=1&bg=white" in capsys.readouterr().out
+    assert cli.run(main, [str(page), "--no-open"]) == 0 and page.stat().st_mtime_ns == stamp   # the file names its folder
 
     for folder, named in [(tmp_path / "missing", "missing: no such folder"), (tmp_path, "animation.npz: no such file")]:
         assert cli.run(main, [str(folder), "--no-open"]) == 2
@@ -350,3 +351,25 @@ def test_view_script_screenshot(browser, scene, tmp_path, capsys):
     assert img.shape == (180, 420, 3) and (img < 200).any() and (img[0, 0] == 255).all()   # the torus on white
     assert cli.run(main, [str(folder), "--screenshot", str(out), "--size", "big"]) == 2
     assert "--size 'big': expected WxH" in capsys.readouterr().err
+
+
+def test_drag_orbits_wheel_zooms_and_background_buttons(browser, scene):
+    folder, _ = scene
+    page = browser.open(f"{(folder / 'viewer.html').as_uri()}?play=0&az=10&el=5&radius=2&bg=grey&w=200&h=200", 500, 200)
+    page.wait_for("document.documentElement.dataset.ready === '1'")
+    mouse = lambda kind, x, y, **kw: browser.send("Input.dispatchMouseEvent", page.session, type=kind, x=x, y=y, **kw)
+    mouse("mousePressed", 100, 100, button="left", buttons=1, clickCount=1)
+    mouse("mouseMoved", 150, 120, button="left", buttons=1)
+    mouse("mouseReleased", 150, 120, button="left", buttons=0, clickCount=1)
+    az, el = page.evaluate("[gvf.cam.az, gvf.cam.el]")
+    assert az == pytest.approx(10 - 50 * 0.4) and el == pytest.approx(5 + 20 * 0.4)    # 0.4° per pixel
+    mouse("mouseWheel", 100, 100, deltaX=0, deltaY=200)
+    assert page.evaluate("gvf.cam.radius") == pytest.approx(2 * math.exp(0.2))
+    corner = lambda: np.asarray(Image.open(io.BytesIO(page.screenshot())).convert("RGB"))[2, 2]
+    page.evaluate("document.querySelector('[data-bg=white]').click()")
+    browser.pump(0.5)
+    assert (corner() == 255).all()
+    page.evaluate("document.querySelector('[data-bg=black]').click()")
+    browser.pump(0.5)
+    assert (corner() == 0).all()
+    assert page.errors() == []
