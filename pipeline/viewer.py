@@ -14,8 +14,9 @@ cameras), so that the browser shows what the project's renders show, and a test 
 Page: WebGL2, the Gaussians drawn back to front as screen-space quads, blended into the 8-bit canvas (each blend
 rounds to 1/255; the rasterizer's front-to-back stop at transmittance 1e-4 is not reproduced, a difference below 1e-4
 of the colour); a Web Worker (created from a Blob URL, which file:// allows) decodes each frame and sorts by depth
-(a counting sort on 16-bit depth keys), so the page stays responsive at 200k Gaussians. URL query
-parameters set the view: frame, az, el, radius, fov (degrees; orbit_cameras' convention, fov horizontal), tx ty tz
+(a counting sort on 16-bit depth keys; about 50 ms a frame at 200k Gaussians, BENCHMARKS.md "Viewer"), so the page's
+thread never waits for a sort: it draws with the newest order while the next one is computed. URL query parameters
+set the view: frame, az, el, radius, fov (degrees; orbit_cameras' convention, fov horizontal), tx ty tz
 (orbit target), w h (canvas size in pixels; default: the window), bg (black | grey | white), play (0 | 1), speed,
 ui (0 hides the side panel), bench=N (renders N frames while orbiting and reports the median frame time in
 document.title). Once the first frame is drawn with a finished sort for the requested view, <html> gets data-ready="1".
