@@ -11,9 +11,11 @@ opacity compensation, alpha clamp and cut-off, depth order and background) and o
 cameras), so that the browser shows what the project's renders show, and a test checks it (tests/test_viewer.py:
 50-58 dB PSNR against utils.render.rasterize).
 
-Page: WebGL2, the Gaussians drawn back to front as screen-space quads, blended into the 8-bit canvas (each blend
-rounds to 1/255; the rasterizer's front-to-back stop at transmittance 1e-4 is not reproduced, a difference below 1e-4
-of the colour); a Web Worker (created from a Blob URL, which file:// allows) decodes each frame and sorts by depth
+Page: WebGL2, the Gaussians drawn back to front as screen-space quads, blended into the 8-bit canvas. Two differences
+from render.py remain: each blend rounds to 1/255, and the rasterizer's early stop (a pixel ends before the Gaussian
+that would take its transmittance T to 1e-4 or below, and keeps the background at weight T) cannot be had with fixed
+blending, so there the viewer blends that Gaussian and those behind it: a difference of at most T times a colour
+difference, where T < 0.1 (alpha <= 0.999) and in practice far less (the tests' images agree to 50-58 dB). A Web Worker (created from a Blob URL, which file:// allows) decodes each frame and sorts by depth
 (a counting sort on 16-bit depth keys; about 50 ms a frame at 200k Gaussians, BENCHMARKS.md "Viewer"), so the page's
 thread never waits for a sort: it draws with the newest order while the next one is computed. URL query parameters
 set the view: frame, az, el, radius, fov (degrees; orbit_cameras' convention, fov horizontal), tx ty tz
