@@ -15,13 +15,16 @@ Page: WebGL2, the Gaussians drawn back to front as screen-space quads, blended i
 from render.py remain: each blend rounds to 1/255, and the rasterizer's early stop (a pixel ends before the Gaussian
 that would take its transmittance T to 1e-4 or below, and keeps the background at weight T) cannot be had with fixed
 blending, so there the viewer blends that Gaussian and those behind it: a difference of at most T times a colour
-difference, where T < 0.1 (alpha <= 0.999) and in practice far less (the tests' images agree to 50-58 dB). A Web Worker (created from a Blob URL, which file:// allows) decodes each frame and sorts by depth
-(a counting sort on 16-bit depth keys; about 50 ms a frame at 200k Gaussians, BENCHMARKS.md "Viewer"), so the page's
-thread never waits for a sort: it draws with the newest order while the next one is computed. URL query parameters
-set the view: frame, az, el, radius, fov (degrees; orbit_cameras' convention, fov horizontal), tx ty tz
-(orbit target), w h (canvas size in pixels; default: the window), bg (black | grey | white), play (0 | 1), speed,
-ui (0 hides the side panel), bench=N (renders N frames while orbiting and reports the median frame time in
-document.title). Once the first frame is drawn with a finished sort for the requested view, <html> gets data-ready="1".
+difference, where T < 0.1 (alpha <= 0.999), and in practice far less. A Web Worker (created from a Blob URL, which
+file:// allows) decodes each frame and sorts by depth (a counting sort on 16-bit depth keys; about 50 ms a frame at
+200k Gaussians, BENCHMARKS.md "Viewer"), so the page's thread never waits for a sort: it draws with the newest order
+while the next one is computed.
+
+URL query parameters set the view: frame, az, el, radius, fov (degrees; orbit_cameras' convention, fov horizontal),
+tx ty tz (orbit target), w h (canvas size in pixels; default: the window), bg (black | grey | white), play (0 | 1),
+speed, ui (0 hides the side panel), bench=N (renders N frames while orbiting and reports the median frame time in
+document.title). Once the first frame is drawn with a finished sort for the requested view, <html> gets data-ready="1"
+and the title ends in "ready".
 
 Data format (all inside the HTML, since Chromium blocks fetch() of sibling files from file://):
 - <script id="gvf-header" type="application/json">: format, count N, frames T, fps, the quantisation steps below, the
