@@ -11,16 +11,19 @@ a folder of them, a video (mp4, mov, mkv, webm, avi, gif) or a folder of frames,
 - Prepared samples: the video is view 0 of each frame; the canonical Gaussians are the static VAE's reconstruction of
   frame 0 (or --canonical); the other views of each frame are held-out ground truth for PSNR / SSIM (/ LPIPS).
 - Videos: frames are matted (alpha channel, rembg when installed with its weights, or a clean-background threshold),
-  cropped to a square around the object and composited on the training background. The canonical Gaussians must be
-  given: --canonical FILE.ply (one input), or a folder holding <video name>.ply. They are turned about Z to match the
-  first frame's silhouette (one batched pass of silhouette renders).
+  cropped to a square around the object and composited on the training background. The canonical must be given:
+  --canonical FILE (one input), or a folder holding <video name>.ply (or .glb, .gltf, .obj), or made by --trellis.
+  It is turned about Z to match the first frame's silhouette (one batched pass of silhouette renders).
+- The canonical: Gaussians (a 3DGS PLY), or a mesh (GLB / glTF, OBJ with its MTL, or a PLY with faces) with a texture
+  or vertex colours: Gaussians are sampled on its surface, and the motion is carried back to its vertices as
+  animated.glb (the mesh as given, its materials kept, one morph target per frame, played at the video's rate).
 
 Per input, under --out/<name>/: ply/frame_XXXX.ply (standard 3DGS PLY per frame), animation.npz (canonical + Δ,
 reloadable with utils.gaussians), orbit.mp4, compare.mp4 (per frame: the input frame fed to the model | the 4D result
 from the input camera | from a camera orbiting once over the clip), grid.png (frames × 4 views, labelled, the object
 framed to fill its cells, on grey), summary.json (stage times, model evaluations, peak memory, metrics; "motion": mean
 displacement per frame, and for prepared samples the end-point error against the oracle, i.e. the mesh motion
-interpolated at the Gaussians, and the displacement ratio).
+interpolated at the Gaussians, and the displacement ratio); with a mesh canonical also animated.glb.
 Inputs are sharded over processes; a failing input is reported by name at the end (exit 1).
 """
 from __future__ import annotations
@@ -60,7 +63,9 @@ def parse_args(argv=None):
     ap.add_argument("--motion-vae", type=Path)
     ap.add_argument("--static-vae", type=Path, help="needed for prepared samples without --canonical")
     ap.add_argument("--stats-dir", type=Path, help="the four latent statistics files (default: the pack)")
-    ap.add_argument("--canonical", type=Path, help="canonical Gaussians: a PLY (one input) or a folder of <name>.ply")
+    ap.add_argument("--canonical", type=Path, help="the canonical of the inputs: a Gaussian PLY or a mesh (.glb, .gltf, "
+                                                   ".obj, .ply with faces) for one input, or a folder of <name>.ply / "
+                                                   "<name>.glb / <name>.gltf / <name>.obj")
     ap.add_argument("--trellis", help="TRELLIS-image-large folder or hub repo (JeffreyXiang/TRELLIS-image-large): makes "
                                       "the canonical Gaussians of videos without a --canonical PLY from their first frame")
     ap.add_argument("--dinov2", type=Path, help="local DINOv2 ViT-L/14-reg folder for the TRELLIS condition "
@@ -121,14 +126,18 @@ def collect_inputs(paths: list[Path], list_file: Path | None) -> list[Job]:
     return jobs
 
 
-def canonical_ply(args, job: Job) -> Path | None:
+CANONICAL_SUFFIXES = (".ply", ".glb", ".gltf", ".obj")  # a Gaussian or mesh PLY, or a mesh
+
+
+def canonical_file(args, job: Job) -> Path | None:
+    """--canonical FILE, or the <job name>.<suffix> of a --canonical folder (None: the folder has none)."""
     c = args.canonical
-    if c is None:
-        return None
-    if c.is_dir():
-        p = c / f"{job.name}.ply"
-        return p if p.is_file() else None
-    return c
+    if c is None or not c.is_dir():
+        return c
+    found = [p for p in (c / f"{job.name}{s}" for s in CANONICAL_SUFFIXES) if p.is_file()]
+    if len(found) > 1:
+        raise cli.InputError(f"{c}: {' and '.join(p.name for p in found)} are both canonicals of {job.name}; keep one")
+    return found[0] if found else None
 
 
 def load_pipeline(args, device) -> VideoTo4D:
@@ -155,7 +164,7 @@ def run_job(job: Job, pipe: VideoTo4D, args, metrics: ImageMetrics | None) -> di
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out}: exists but holds no finished outputs (no summary.json); pass --overwrite to "
                               f"replace it")
-    result = pipe(job.path, canonical=canonical_ply(args, job), num_frames=args.num_frames, start=args.start,
+    result = pipe(job.path, canonical=canonical_file(args, job), num_frames=args.num_frames, start=args.start,
                   stride=args.stride, matting=args.matting, seed=args.seed, name=job.name)
     if metrics is not None and result.kind == "sample":
         pipe.score(result, metrics)
@@ -171,6 +180,8 @@ def result_line(name: str, summary: dict, out: Path) -> str:
         return f"{name}: outputs exist in {out} (--overwrite to redo)"
     line = f"{name}: {summary['ply_frames']} frames, {summary['model_evaluations']} model evaluations, " \
            f"{sum(summary['seconds'].values()):.1f} s"
+    if "animated_glb" in summary:
+        line += f", animated.glb ({summary['animated_glb']['morph_targets']} morph targets)"
     if "metrics" in summary:  # the frames evaluate.py reports, named as there (as is the motion: after the first)
         m = summary["metrics"]["mean_after_first"]
         line += ", " + ", ".join(f"{k.upper()} {v:.3f}" for k, v in m.items()) + \

@@ -48,7 +48,7 @@ STATIC_THRESHOLD = 0.01      # the published renderer's "is it moving" test (nor
 _COMPANIONS = {".bin", ".png", ".jpg", ".jpeg", ".webp", ".mtl", ".txt", ".json", ".md"}  # files that go with inputs
 
 
-def _y_up_to_z_up(v: np.ndarray) -> np.ndarray:
+def y_up_to_z_up(v: np.ndarray) -> np.ndarray:
     return np.stack([v[..., 0], -v[..., 2], v[..., 1]], axis=-1)  # Blender's importer conversion
 
 
@@ -107,7 +107,7 @@ def read_obj(path: Path) -> dict:
                 libs=libs)
 
 
-def _read_mtl(obj_path: Path, libs: list[str]) -> dict[str, dict]:
+def read_mtl(obj_path: Path, libs: list[str]) -> dict[str, dict]:
     """Material name -> {"Kd": rgb, "map_Kd": Path}; missing libraries are ignored (then the mesh is grey)."""
     materials, current = {}, None
     for lib in libs:
@@ -126,10 +126,10 @@ def _read_mtl(obj_path: Path, libs: list[str]) -> dict[str, dict]:
     return materials
 
 
-def _obj_appearance(path: Path, obj: dict) -> tuple[np.ndarray, dict]:
+def obj_appearance(path: Path, obj: dict) -> tuple[np.ndarray, dict]:
     """(vertex map into the OBJ's positions, MeshSequence colour fields): a texture splits vertices along uv seams."""
     faces, n = obj["faces"], len(obj["positions"])
-    materials = _read_mtl(path, obj["libs"]) if obj["libs"] else {}
+    materials = read_mtl(path, obj["libs"]) if obj["libs"] else {}
     used = [materials.get(m, {}) for m in obj["materials"]]
     textured = [m["map_Kd"] for m in used if "map_Kd" in m]
     if textured and (obj["uv_faces"] >= 0).all():
@@ -156,7 +156,7 @@ def load_obj_sequence(folder: Path) -> tuple[np.ndarray, dict, dict]:
     """(vertices (T, V, 3) as stored, MeshSequence fields besides vertices, metadata)."""
     files = sorted((p for p in folder.iterdir() if p.suffix.lower() == ".obj" and p.is_file()), key=natural_key)
     first = read_obj(files[0])
-    vertex_map, fields = _obj_appearance(files[0], first)
+    vertex_map, fields = obj_appearance(files[0], first)
     frames = [first["positions"]]
     for path in files[1:]:
         obj = read_obj(path)
@@ -268,7 +268,7 @@ def load_input(path: Path, args) -> tuple[MeshSequence, dict]:
         vertices, where = resample(vertices, args.frames, args.stride)
         source["frame_positions"] = [round(float(x), 6) for x in where]
         if up == "y":
-            vertices = _y_up_to_z_up(vertices)
+            vertices = y_up_to_z_up(vertices)
     check_geometry(path, vertices, fields["faces"])
     vertices, centre, extent = normalize(vertices)
     seq = MeshSequence(vertices, **fields)
