@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from data_rendering.gltf_import import read_document, srgb_to_linear
+from pipeline.mesh_input import Y_UP_TO_Z_UP
 from utils.cli import InputError
 from utils.fileio import atomic_write
 
@@ -141,6 +142,25 @@ def document_from_arrays(built: dict, name: str) -> Document:
             primitive["material"] = len(doc.json["materials"]) - 1
         doc.json["meshes"][0]["primitives"].append(primitive)
     return doc
+
+
+def write_mesh_glb(path: str | Path, seq, frame: int = 0, overwrite: bool = False) -> Path:
+    """One frame of a MeshSequence (Z up) as a static GLB (Y up): its colours as COLOR_0, or its texture as a PNG base
+    colour texture with the uvs; what scripts/make_examples.py makes the demo's mesh canonical with."""
+    import io
+
+    from PIL import Image
+    image = None
+    if seq.texture is not None:
+        out = io.BytesIO()
+        Image.fromarray((np.clip(seq.texture, 0, 1) * 255 + 0.5).astype(np.uint8)).save(out, format="PNG")
+        image = (out.getvalue(), "image/png")
+    material = {"name": "surface", "factor": np.ones(3), "image": image}
+    uvs = None if seq.uvs is None else np.stack([seq.uvs[:, 0], 1.0 - seq.uvs[:, 1]], 1)  # glTF's v runs down
+    built = {"positions": seq.vertices[frame].astype(np.float64) @ Y_UP_TO_Z_UP, "uvs": uvs, "colors": seq.colors,
+             "groups": [(material, seq.faces)]}
+    data = document_from_arrays(built, Path(path).stem).glb()
+    return atomic_write(Path(path), lambda tmp: tmp.write_bytes(data), overwrite=overwrite)
 
 
 def _primitive_count(doc: dict, primitive: dict) -> int:

@@ -13,9 +13,10 @@ cumulative area (one random offset: each face gets its expected share of points 
 barycentric coordinates inside each face, all from `seed`. Each becomes one Gaussian:
 - colour: the texture sampled bilinearly at the interpolated texture coordinate, else the interpolated vertex colour,
   else mid grey (MeshSequence.frame_colors' default); display-encoded values, as rendered images are;
-- scale: every sample stands for a = area / count of the surface; the two in-plane axes get sigma = sqrt(a / pi)
-  (the 1-sigma disc has the sample's area, so neighbouring discs overlap and the surface renders closed) and the
-  normal axis THIN times that: a flat disc lying in the face;
+- scale: every sample stands for a = area / count of the surface (the local spacing is sqrt(a) everywhere, the
+  sampling being even in area); the two in-plane axes get sigma = COVER * sqrt(a / pi), so the 1-sigma discs cover
+  the surface COVER² = 2.25 times over (at COVER = 1, one disc of the sample's own area each, the gaps that random
+  positions leave show as holes in renders), and the normal axis THIN times that: a flat disc lying in the face;
 - rotation: the face frame (first edge, in-plane perpendicular, normal) as a quaternion, so the thin axis is the
   face normal;
 - opacity OPACITY: an opaque surface.
@@ -34,6 +35,7 @@ from utils.gaussians import SH_C0, Gaussians
 
 DEFAULT_COUNT = 16384   # of the order of the static VAE's Gaussians per object (8 per occupied voxel of 64³)
 OPACITY = 0.95
+COVER = 1.5
 THIN = 0.1
 GREY = 0.7
 
@@ -115,7 +117,7 @@ def mesh_canonical(seq: MeshSequence, count: int = DEFAULT_COUNT, seed: int = 0)
     normal /= np.linalg.norm(normal, axis=1, keepdims=True)
     t1 = e1 / np.linalg.norm(e1, axis=1, keepdims=True)
     frame = np.stack([t1, np.cross(normal, t1), normal], axis=2)                        # columns: local x, y, z
-    sigma = math.sqrt(area.sum() / count / math.pi)
+    sigma = COVER * math.sqrt(area.sum() / count / math.pi)
     n = len(face)
     rgb = surface_colors(seq, face, bary)
     f = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32)

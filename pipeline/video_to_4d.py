@@ -210,7 +210,10 @@ class VideoTo4D:
             canonical, origin = mesh.sampled.gaussians.to(self.device), f"mesh {canonical}"
         elif isinstance(canonical, (str, Path)):
             ply = Path(canonical)
-            canonical = Gaussians.load_ply(ply).to(self.device)
+            try:
+                canonical = Gaussians.load_ply(ply).to(self.device)
+            except ValueError as e:  # a PLY with neither Gaussian fields nor faces: say that both were looked for
+                raise InputError(f"{e}; nor is it a mesh (it has no faces)" if ply.is_file() else str(e)) from None
             origin = str(ply)
         else:
             origin = None if canonical is None else "given"
