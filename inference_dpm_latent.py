@@ -42,6 +42,7 @@ from tqdm import tqdm
 from datasets import layout
 from models.dpm_solver import SamplerConfig
 from models.trellis.flow_euler import SLAT_DEFAULTS, SS_DEFAULTS, add_sampler_args, sampler_from_args
+from pipeline.mesh_canonical import DEFAULT_COUNT
 from pipeline.video_to_4d import VideoTo4D, input_kind
 from utils import cli
 from utils.logging import report_failures
@@ -66,6 +67,8 @@ def parse_args(argv=None):
     ap.add_argument("--canonical", type=Path, help="the canonical of the inputs: a Gaussian PLY or a mesh (.glb, .gltf, "
                                                    ".obj, .ply with faces) for one input, or a folder of <name>.ply / "
                                                    "<name>.glb / <name>.gltf / <name>.obj")
+    ap.add_argument("--mesh-gaussians", type=int, default=DEFAULT_COUNT,
+                    help=f"Gaussians sampled on a mesh canonical's surface (default {DEFAULT_COUNT})")
     ap.add_argument("--trellis", help="TRELLIS-image-large folder or hub repo (JeffreyXiang/TRELLIS-image-large): makes "
                                       "the canonical Gaussians of videos without a --canonical PLY from their first frame")
     ap.add_argument("--dinov2", type=Path, help="local DINOv2 ViT-L/14-reg folder for the TRELLIS condition "
@@ -148,7 +151,8 @@ def load_pipeline(args, device) -> VideoTo4D:
         return VideoTo4D.load(args.pack, dit=args.dit, motion_vae=args.motion_vae, static_vae=args.static_vae,
                               stats_dir=args.stats_dir, config=args.config, vae_config=args.vae_config, device=device,
                               precision=args.precision, compile=args.compile, sampling=sampling,
-                              orbit_frames=args.orbit_frames, trellis=args.trellis, dinov2=args.dinov2,
+                              orbit_frames=args.orbit_frames, mesh_gaussians=args.mesh_gaussians,
+                              trellis=args.trellis, dinov2=args.dinov2,
                               ss_sampler=sampler_from_args(args, "ss", SS_DEFAULTS),
                               slat_sampler=sampler_from_args(args, "slat", SLAT_DEFAULTS))
     except ValueError as e:  # no weights, no statistics: a refusal of the command line
