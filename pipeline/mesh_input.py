@@ -54,12 +54,6 @@ class UserMesh:
     built: dict | None = None        # OBJ / PLY: the document's arrays (pipeline/glb.document_from_arrays)
     info: dict = field(default_factory=dict)
 
-    @property
-    def size(self) -> float:
-        """The largest side of the surface's bounding box (file units)."""
-        v = self.surface.vertices[0]
-        return float((v.max(0) - v.min(0)).max())
-
 
 def _ply_face_count(path: Path) -> int | None:
     """Faces declared by a PLY header (0 when none), or None when the file has no PLY header."""

@@ -210,6 +210,49 @@ def test_oracle_motion_carried_back_reproduces_the_vertex_motion(shape, motion):
 
 
 # ----------------------------------------------------------------------------------------------- animated.glb
+KHRONOS = Path("/usr/share/assimp/models/glTF2")   # Debian's assimp-testmodels (tests/test_gltf_import.py)
+
+
+@pytest.mark.parametrize("name", ["simple_skin/simple_skin.gltf",
+                                  "glTF-Sample-Models/AnimatedMorphCube-glTF/AnimatedMorphCube.gltf"])
+def test_khronos_skin_and_morph_files_play_the_motion(tmp_path, name):
+    """A skinned mesh (targets live before the skin: the blended joint matrices are undone) and a mesh with morph
+    targets of its own, each with an animation that the output replaces."""
+    if not (KHRONOS / name).is_file():
+        pytest.skip(f"{KHRONOS / name} not found: apt-get install assimp-testmodels")
+    mesh = read_mesh(KHRONOS / name)
+    surface = mesh.surface.vertices[0].astype(np.float64)
+    size = np.ptp(surface, axis=0).max()
+    disp = _field(surface / size, 5) * size
+    write_animated_glb(tmp_path / "out.glb", mesh, disp, 12.0)
+    seq, meta = load_animated_gltf(tmp_path / "out.glb", times=np.arange(5) / 12.0)
+    assert meta["animation_names"] == ["video"] and meta["skinned"] == mesh.info["skinned"]
+    np.testing.assert_allclose(seq.vertices, surface + disp, atol=1e-5 * size)
+
+
+def test_a_skin_posed_away_from_its_bind_pose(tmp_path):
+    """Targets live in mesh space, before the skin: each vertex's displacement goes through the inverse of its blended
+    joint matrix (joints turned and scaled at rest, vertices split between them)."""
+    b = Builder()
+    pos = b.accessor([[0, 0, 0], [2, 0, 0], [1, 1, 0], [1, 0, 1]], "VEC3", min=[0, 0, 0], max=[2, 1, 1])
+    joints = b.accessor([[0, 1, 0, 0]] * 4, "VEC4", "<u1")
+    weights = b.accessor([[1, 0, 0, 0], [0, 1, 0, 0], [0.5, 0.5, 0, 0], [0.3, 0.7, 0, 0]], "VEC4")
+    b.doc["meshes"] = [{"primitives": [{"attributes": {"POSITION": pos, "JOINTS_0": joints, "WEIGHTS_0": weights},
+                                        "indices": b.accessor([0, 1, 2, 0, 2, 3, 1, 3, 2], "SCALAR", "<u2")}]}]
+    b.doc["skins"] = [{"joints": [1, 2]}]   # no inverse bind matrices: identity
+    b.doc["nodes"] = [{"mesh": 0, "skin": 0},
+                      {"children": [2], "rotation": [0, 0, 0.258819, 0.9659258], "translation": [0.5, 0, 0]},
+                      {"rotation": [0.3826834, 0, 0, 0.9238795], "scale": [1.5, 0.8, 1.2]}]
+    b.doc["scenes"] = [{"nodes": [0, 1]}]
+    mesh = read_mesh(b.write_glb(tmp_path / "skin.glb"))
+    surface = mesh.surface.vertices[0].astype(np.float64)
+    disp = _field(surface, 4)
+    write_animated_glb(tmp_path / "out.glb", mesh, disp, 12.0)
+    seq, meta = load_animated_gltf(tmp_path / "out.glb", times=np.arange(4) / 12.0)
+    assert meta["skinned"]
+    np.testing.assert_allclose(seq.vertices, surface + disp, atol=1e-5)
+
+
 def _gltf_input(tmp_path):
     """A glTF with external buffer and texture files: two primitives sharing one POSITION accessor (one textured, one
     of a colour factor), an old morph target at weight 0.5, one mesh shown by two nodes under a transformed parent,
