@@ -502,14 +502,20 @@ def test_cli_with_a_mesh_canonical_writes_animated_glb(world, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------------------------- Blender
 BLENDER_CHECK = """
-import sys, bpy
+import json, sys, bpy
 bpy.ops.wm.read_factory_settings(use_empty=True)
 bpy.ops.import_scene.gltf(filepath=sys.argv[1])
 meshes = [o for o in bpy.data.objects if o.type == "MESH"]
 keys = meshes[0].data.shape_keys
 action = keys.animation_data.action if keys and keys.animation_data else None
-print("RESULT", len(meshes), len(keys.key_blocks) if keys else 0, action is not None,
-      sorted({int(round(k.co[0])) for fc in action.fcurves for k in fc.keyframe_points}) if action else [])
+frames = sorted({int(round(k.co[0])) for fc in action.fcurves for k in fc.keyframe_points}) if action else []
+posed = []
+for f in frames:  # the evaluated mesh (shape keys applied) in world space at each key
+    bpy.context.scene.frame_set(f)
+    o = meshes[0].evaluated_get(bpy.context.evaluated_depsgraph_get())
+    posed.append([list(o.matrix_world @ v.co) for v in o.to_mesh().vertices])
+print("RESULT", json.dumps({"meshes": len(meshes), "keys": [k.name for k in keys.key_blocks] if keys else [],
+                            "frames": frames, "posed": posed}))
 """
 
 
@@ -518,16 +524,23 @@ def test_blender_imports_shape_keys_and_an_action(tmp_path):
         pytest.skip(f"no Blender venv ({RENDER_PYTHON}; ./setup.sh --render makes it)")
     if subprocess.run([str(RENDER_PYTHON), "-c", "import bpy"], capture_output=True).returncode != 0:
         pytest.skip(f"{RENDER_PYTHON} has no bpy")
-    box = trimesh.creation.box(extents=[1.0, 1.0, 1.0])
+    box = trimesh.creation.box(extents=[1.0, 2.0, 3.0])
     trimesh.Trimesh(box.vertices, box.faces, process=False).export(tmp_path / "box.ply")
     frames = 5
-    write_animated_glb(tmp_path / "box.glb", read_mesh(tmp_path / "box.ply"), _field(box.vertices, frames), 24.0)
+    disp = _field(box.vertices, frames)
+    write_animated_glb(tmp_path / "box.glb", read_mesh(tmp_path / "box.ply"), disp, 12.0)
     (tmp_path / "check.py").write_text(BLENDER_CHECK)
     run = subprocess.run([str(RENDER_PYTHON), str(tmp_path / "check.py"), str(tmp_path / "box.glb")],
                          capture_output=True, text=True, timeout=300)
-    line = next(x for x in run.stdout.splitlines() if x.startswith("RESULT"))
-    count, keys, has_action, key_frames = line.split(" ", 4)[1:]
-    assert (int(count), int(keys), has_action) == (1, 1 + frames, "True")    # Basis + one shape key per frame
-    # Blender imports at its scene rate (24 fps): key t at frame t (+1 when it starts the scene at frame 1).
-    frames_seen = json.loads(key_frames)
-    assert len(frames_seen) == frames and np.ptp(frames_seen) == frames - 1
+    line = next((x for x in run.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line is not None, run.stdout[-2000:] + run.stderr[-2000:]
+    seen = json.loads(line[len("RESULT "):])
+    assert seen["meshes"] == 1 and seen["keys"] == ["Basis"] + [f"frame_{t:04d}" for t in range(frames)]
+    # Blender plays the animation at its scene rate (24 fps): key t of a 12 fps video at frame 2 t.
+    assert seen["frames"] == [2 * t for t in range(frames)]
+    # Blender's Z-up world is the project's: at key t the box is the PLY's vertices + displacement t.
+    for t in range(frames):
+        posed = np.asarray(seen["posed"][t])
+        expected = box.vertices + disp[t]
+        assert posed.shape == expected.shape
+        assert np.linalg.norm(expected[:, None] - posed[None], axis=-1).min(1).max() < 1e-5, t
