@@ -11,16 +11,20 @@ a folder of them, a video (mp4, mov, mkv, webm, avi, gif) or a folder of frames,
 - Prepared samples: the video is view 0 of each frame; the canonical Gaussians are the static VAE's reconstruction of
   frame 0 (or --canonical); the other views of each frame are held-out ground truth for PSNR / SSIM (/ LPIPS).
 - Videos: frames are matted (alpha channel, rembg when installed with its weights, or a clean-background threshold),
-  cropped to a square around the object and composited on the training background. The canonical Gaussians must be
-  given: --canonical FILE.ply (one input), or a folder holding <video name>.ply. They are turned about Z to match the
-  first frame's silhouette (one batched pass of silhouette renders).
+  cropped to a square around the object and composited on the training background. The canonical must be given:
+  --canonical FILE (one input), or a folder holding <video name>.ply (or .glb, .gltf, .obj), or made by --trellis.
+  It is turned about Z to match the first frame's silhouette (one batched pass of silhouette renders).
+- The canonical: Gaussians (a 3DGS PLY), or a mesh (GLB / glTF, OBJ with its MTL, or a PLY with faces) with a texture
+  or vertex colours: Gaussians are sampled on its surface, and the motion is carried back to its vertices as
+  animated.glb (the mesh as given, its materials kept, one morph target per frame, played at the video's rate).
 
 Per input, under --out/<name>/: ply/frame_XXXX.ply (standard 3DGS PLY per frame), animation.npz (canonical + Δ,
 reloadable with utils.gaussians), orbit.mp4, compare.mp4 (per frame: the input frame fed to the model | the 4D result
 from the input camera | from a camera orbiting once over the clip), grid.png (frames × 4 views, labelled, the object
 framed to fill its cells, on grey), summary.json (stage times, model evaluations, peak memory, metrics; "motion": mean
 displacement per frame, and for prepared samples the end-point error against the oracle, i.e. the mesh motion
-interpolated at the Gaussians, and the displacement ratio).
+interpolated at the Gaussians, and the displacement ratio), viewer.html (the animation in a browser, offline); with a
+mesh canonical also animated.glb.
 Inputs are sharded over processes; a failing input is reported by name at the end (exit 1).
 """
 from __future__ import annotations
@@ -40,6 +44,7 @@ from datasets import layout
 from models.dpm_solver import SamplerConfig
 from models.trellis.flow_euler import SLAT_DEFAULTS, SS_DEFAULTS, add_sampler_args, sampler_from_args
 from pipeline.batch import Item, run_batch
+from pipeline.mesh_canonical import DEFAULT_COUNT
 from pipeline.video_to_4d import VideoTo4D, input_kind
 from utils import cli
 from utils.logging import report_failures
@@ -61,7 +66,11 @@ def parse_args(argv=None):
     ap.add_argument("--motion-vae", type=Path)
     ap.add_argument("--static-vae", type=Path, help="needed for prepared samples without --canonical")
     ap.add_argument("--stats-dir", type=Path, help="the four latent statistics files (default: the pack)")
-    ap.add_argument("--canonical", type=Path, help="canonical Gaussians: a PLY (one input) or a folder of <name>.ply")
+    ap.add_argument("--canonical", type=Path, help="the canonical of the inputs: a Gaussian PLY or a mesh (.glb, .gltf, "
+                                                   ".obj, .ply with faces) for one input, or a folder of <name>.ply / "
+                                                   "<name>.glb / <name>.gltf / <name>.obj")
+    ap.add_argument("--mesh-gaussians", type=int, default=DEFAULT_COUNT,
+                    help=f"Gaussians sampled on a mesh canonical's surface (default {DEFAULT_COUNT})")
     ap.add_argument("--trellis", help="TRELLIS-image-large folder or hub repo (JeffreyXiang/TRELLIS-image-large): makes "
                                       "the canonical Gaussians of videos without a --canonical PLY from their first frame")
     ap.add_argument("--dinov2", type=Path, help="local DINOv2 ViT-L/14-reg folder, for the TRELLIS condition and the "
@@ -122,14 +131,18 @@ def collect_inputs(paths: list[Path], list_file: Path | None) -> list[Job]:
     return jobs
 
 
-def canonical_ply(args, job: Job) -> Path | None:
+CANONICAL_SUFFIXES = (".ply", ".glb", ".gltf", ".obj")  # a Gaussian or mesh PLY, or a mesh
+
+
+def canonical_file(args, job: Job) -> Path | None:
+    """--canonical FILE, or the <job name>.<suffix> of a --canonical folder (None: the folder has none)."""
     c = args.canonical
-    if c is None:
-        return None
-    if c.is_dir():
-        p = c / f"{job.name}.ply"
-        return p if p.is_file() else None
-    return c
+    if c is None or not c.is_dir():
+        return c
+    found = [p for p in (c / f"{job.name}{s}" for s in CANONICAL_SUFFIXES) if p.is_file()]
+    if len(found) > 1:
+        raise cli.InputError(f"{c}: {' and '.join(p.name for p in found)} are both canonicals of {job.name}; keep one")
+    return found[0] if found else None
 
 
 def load_pipeline(args, device) -> VideoTo4D:
@@ -140,7 +153,8 @@ def load_pipeline(args, device) -> VideoTo4D:
         return VideoTo4D.load(args.pack, dit=args.dit, motion_vae=args.motion_vae, static_vae=args.static_vae,
                               stats_dir=args.stats_dir, config=args.config, vae_config=args.vae_config, device=device,
                               precision=args.precision, compile=args.compile, sampling=sampling,
-                              orbit_frames=args.orbit_frames, trellis=args.trellis, dinov2=args.dinov2,
+                              orbit_frames=args.orbit_frames, mesh_gaussians=args.mesh_gaussians,
+                              trellis=args.trellis, dinov2=args.dinov2,
                               ss_sampler=sampler_from_args(args, "ss", SS_DEFAULTS),
                               slat_sampler=sampler_from_args(args, "slat", SLAT_DEFAULTS))
     except ValueError as e:  # no weights, no statistics: a refusal of the command line
@@ -153,6 +167,8 @@ def result_line(name: str, summary: dict, out: Path) -> str:
         return f"{name}: outputs exist in {out} (--overwrite to redo)"
     line = f"{name}: {summary['ply_frames']} frames, {summary['model_evaluations']} model evaluations, " \
            f"{sum(summary['seconds'].values()):.1f} s"
+    if "animated_glb" in summary:
+        line += f", animated.glb ({summary['animated_glb']['morph_targets']} morph targets)"
     if "metrics" in summary:  # the frames evaluate.py reports, named as there (as is the motion: after the first)
         m = summary["metrics"]["mean_after_first"]
         line += ", " + ", ".join(f"{k.upper()} {v:.3f}" for k, v in m.items()) + \
@@ -176,7 +192,8 @@ def main(argv=None) -> int:
     wants_metrics = not args.no_metrics and any(j.kind == "sample" for j in jobs)
     metrics = ImageMetrics(load_lpips(device=device)) if wants_metrics else None
     mine = jobs[state.process_index::state.num_processes]
-    items = [Item(j.name, j.path, args.out / j.name, canonical_ply(args, j)) for j in mine]
+    # A --canonical folder holding two canonicals of one name is refused before any work.
+    items = [Item(j.name, j.path, args.out / j.name, canonical_file(args, j)) for j in mine]
     options = {"num_frames": args.num_frames, "start": args.start, "stride": args.stride, "matting": args.matting,
                "seed": args.seed}
     failures, bad_input = [], False

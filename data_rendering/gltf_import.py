@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import json
 import struct
@@ -62,7 +63,7 @@ from PIL import Image
 
 from .mesh import MeshSequence
 
-__all__ = ["load_animated_gltf"]
+__all__ = ["load_animated_gltf", "read_document", "sample_texture", "srgb_to_linear", "linear_to_srgb"]
 
 # glTF componentType -> little-endian numpy dtype.
 _COMPONENT_DTYPES = {
@@ -494,8 +495,10 @@ def _triangles(indices: np.ndarray, mode: int) -> np.ndarray:
 class _Piece:
     """One triangle primitive of one mesh instance, reduced to the vertices its triangles use."""
 
-    def __init__(self, node: int, positions, faces, deltas, joints, weights, color):
-        self.node = node
+    def __init__(self, node: int, positions, faces, deltas, joints, weights, color, mesh: int, primitive: int,
+                 used: np.ndarray):
+        self.node, self.mesh, self.primitive = node, mesh, primitive
+        self.used = used                # (V,) the primitive's own vertex (accessor row) of each kept vertex
         self.positions = positions      # (V, 3) rest positions, mesh space
         self.faces = faces              # (F, 3) local vertex indices
         self.deltas = deltas            # (K, V, 3) morph target POSITION deltas (K may be 0)
@@ -607,18 +610,18 @@ def _read_piece(doc: _GltfFile, node_index: int, mesh_index: int, p: int, prim: 
             doc.warn(f"{what}: its base colour texture uses {uv_name}, which the primitive lacks; texture ignored")
         elif image_index is not None:
             color.update(image=image_index, wrap=wrap, uv=doc.floats(attributes[uv_name], f"{what} {uv_name}")[used])
-    return _Piece(node_index, positions[used], faces, deltas, joints, weights, color)
+    return _Piece(node_index, positions[used], faces, deltas, joints, weights, color, mesh_index, p, used)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Colours
 # ----------------------------------------------------------------------------------------------------------------------
 
-def _srgb_to_linear(c: np.ndarray) -> np.ndarray:
+def srgb_to_linear(c: np.ndarray) -> np.ndarray:
     return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
 
 
-def _linear_to_srgb(c: np.ndarray) -> np.ndarray:
+def linear_to_srgb(c: np.ndarray) -> np.ndarray:
     c = np.clip(c, 0.0, 1.0)
     return np.where(c <= 0.0031308, c * 12.92, 1.055 * c ** (1 / 2.4) - 0.055)
 
@@ -632,7 +635,7 @@ def _wrap(i: np.ndarray, n: int, mode: int) -> np.ndarray:
     return np.mod(i, n)
 
 
-def _sample_texture(image: np.ndarray, uv: np.ndarray, wrap: tuple[int, int]) -> np.ndarray:
+def sample_texture(image: np.ndarray, uv: np.ndarray, wrap: tuple[int, int] = (_REPEAT, _REPEAT)) -> np.ndarray:
     """Bilinear samples (V, 3) of an image at glTF texture coordinates (origin at the image's top-left corner)."""
     h, w = image.shape[:2]
     x, y = uv[:, 0] * w - 0.5, uv[:, 1] * h - 0.5  # pixel centres sit at half-integers
@@ -655,7 +658,7 @@ def _colors(doc: _GltfFile, pieces: list[_Piece]) -> tuple[dict, str]:
             and all(np.allclose(c["factor"][:3], infos[0]["factor"][:3]) for c in infos):
         image = doc.image(images.pop())
         if image is not None:
-            texture = _linear_to_srgb(_srgb_to_linear(image) * infos[0]["factor"][:3])
+            texture = linear_to_srgb(srgb_to_linear(image) * infos[0]["factor"][:3])
             uv = np.concatenate([c["uv"] for c in infos])
             uvs = np.stack([uv[:, 0], 1.0 - uv[:, 1]], axis=1)  # glTF v runs down the image, MeshSequence v up
             return {"uvs": uvs.astype(np.float32), "texture": texture.astype(np.float32)}, "texture"
@@ -666,9 +669,9 @@ def _colors(doc: _GltfFile, pieces: list[_Piece]) -> tuple[dict, str]:
             linear = linear * c["color0"]
         image = doc.image(c["image"]) if c["image"] is not None else None
         if image is not None:
-            linear = linear * _srgb_to_linear(_sample_texture(image, c["uv"], c["wrap"]))
+            linear = linear * srgb_to_linear(sample_texture(image, c["uv"], c["wrap"]))
             used_texture = True
-        baked.append(_linear_to_srgb(linear))
+        baked.append(linear_to_srgb(linear))
     return {"colors": np.concatenate(baked).astype(np.float32)}, "baked_texture" if used_texture else "vertex"
 
 
@@ -676,8 +679,12 @@ def _colors(doc: _GltfFile, pieces: list[_Piece]) -> tuple[dict, str]:
 # The entry point
 # ----------------------------------------------------------------------------------------------------------------------
 
-def _choose_animation(doc: _GltfFile, animation: int | str, require_animation: bool) -> int | None:
+def _choose_animation(doc: _GltfFile, animation: int | str | None, require_animation: bool) -> int | None:
     anims = doc.items("animations")
+    if animation is None:  # the rest pose: the nodes' own transforms, no animation played
+        if require_animation:
+            raise doc.error("animation=None imports the rest pose; pass require_animation=False with it")
+        return None
     names = [a.get("name") or f"animation_{i}" for i, a in enumerate(anims)]
     if not anims:
         if require_animation:
@@ -717,19 +724,25 @@ def _frame_times(doc: _GltfFile, times, num_frames: int, fps: float | None, star
 
 
 def load_animated_gltf(path: str | Path, times: Sequence[float] | None = None, num_frames: int = 24,
-                       fps: float | None = None, animation: int | str = 0, *, start: float | None = None,
-                       step: float | None = None, up_axis: str = "z",
-                       require_animation: bool = True) -> tuple[MeshSequence, dict]:
+                       fps: float | None = None, animation: int | str | None = 0, *, start: float | None = None,
+                       step: float | None = None, up_axis: str = "z", require_animation: bool = True,
+                       provenance: bool = False) -> tuple[MeshSequence, dict]:
     """Evaluate an animated glTF 2.0 / GLB file into a MeshSequence.
 
     path: a `.gltf` (external or embedded buffers) or `.glb` file.
     times: seconds to evaluate at; if None, `num_frames` times: `start + k * step` when `fps` (step = 1 / fps) or
         `step` is given (consecutive frames, as the published renderer takes them), otherwise spread evenly over the
         animation's range [start or first key, last key]. Times outside the key range hold the end values.
-    animation: index or name of the animation to play; the others stay at rest.
+    animation: index or name of the animation to play; the others stay at rest. None plays none: every frame is the
+        rest pose (the nodes' own transforms; needs require_animation=False).
     up_axis: "z" maps glTF's Y-up positions to the project's Z-up world as Blender does ((x, y, z) -> (x, -z, y));
         "y" keeps glTF's axes.
     require_animation: if False, a file without animations imports as `num_frames` (or len(times)) identical frames.
+    provenance: also return metadata["provenance"], where each output vertex comes from, for writers that edit the
+        file itself (pipeline/glb.py adds morph targets): "pieces", one per imported primitive instance in output order,
+        {node, mesh, primitive, start, vertices (its accessor rows, (n,) int64)}, and "linear" (V, 3, 3), the linear
+        part of the map from each vertex's mesh space (where morph targets live) to the output space at the first
+        time (node world matrix, or the blended skin matrix, then the up-axis change).
 
     Returns (MeshSequence with vertices (T, V, 3) in world space, faces (F, 3), colours as the module docstring says;
     metadata dict: source, format, generator, animation_names, animation (index or None), animation_name,
@@ -743,9 +756,29 @@ def load_animated_gltf(path: str | Path, times: Sequence[float] | None = None, n
     path = Path(path)
     if up_axis not in ("y", "z"):
         raise ValueError(f"{path}: up_axis must be 'y' or 'z', got {up_axis!r}")
-    try:
+    with _named_errors(path):
         doc = _GltfFile(path)
-        return _import(doc, times, num_frames, fps, animation, start, step, up_axis, require_animation)
+        return _import(doc, times, num_frames, fps, animation, start, step, up_axis, require_animation, provenance)
+
+
+def read_document(path: str | Path) -> tuple[dict, list[bytes], dict[int, bytes]]:
+    """A glTF / GLB file as a writer copies it (pipeline/glb.py): its JSON, the bytes of every buffer (a GLB's BIN
+    chunk for the buffer without uri), and the encoded bytes of every image stored by uri (an external file or a data
+    URI; images in buffer views are in the buffers already). ValueError naming the file when it cannot be read."""
+    path = Path(path)
+    with _named_errors(path):
+        doc = _GltfFile(path)
+        buffers = [doc.buffer(i, "the document") for i in range(len(doc.items("buffers")))]
+        images = {i: doc._uri_bytes(str(image["uri"]), f"image {i}") for i, image in enumerate(doc.items("images"))
+                  if isinstance(image, dict) and "uri" in image}
+        return doc.json, buffers, images
+
+
+@contextlib.contextmanager
+def _named_errors(path: Path):
+    """Every failure to read `path` as a ValueError that names it."""
+    try:
+        yield
     except ValueError as e:
         if str(path) in str(e):
             raise
@@ -756,7 +789,7 @@ def load_animated_gltf(path: str | Path, times: Sequence[float] | None = None, n
 
 
 def _import(doc: _GltfFile, times, num_frames, fps, animation, start, step, up_axis,
-            require_animation) -> tuple[MeshSequence, dict]:
+            require_animation, provenance) -> tuple[MeshSequence, dict]:
     path = doc.path
     anim_index = _choose_animation(doc, animation, require_animation)
     time_range = _animation_time_range(doc, anim_index) if anim_index is not None else (0.0, 0.0)
@@ -821,6 +854,7 @@ def _import(doc: _GltfFile, times, num_frames, fps, animation, start, step, up_a
 
     total = sum(len(piece.positions) for piece in pieces)
     vertices = np.empty((num_t, total, 3), dtype=np.float32)
+    linear = np.empty((total, 3, 3))  # mesh space -> world, linear part, at the first time (provenance)
     faces, offset = [], 0
     for piece, w, skin_matrices in zip(pieces, morph_weights, joint_matrices):
         v = len(piece.positions)
@@ -831,6 +865,8 @@ def _import(doc: _GltfFile, times, num_frames, fps, animation, start, step, up_a
             if skin_matrices is None:
                 m = world[t, piece.node]
                 posed = morphed @ m[:3, :3].T + m[:3, 3]
+                if t == 0:
+                    linear[offset:offset + v] = m[:3, :3]
             else:
                 # Blend the joints' (3, 4) affine matrices per vertex, then apply once.
                 blend = np.zeros((v, 3, 4))
@@ -839,10 +875,13 @@ def _import(doc: _GltfFile, times, num_frames, fps, animation, start, step, up_a
                 unweighted = piece.weights.sum(axis=1) == 0
                 blend[unweighted] = world[t, piece.node, :3, :]  # no influences: follow the node
                 posed = np.einsum("vij,vj->vi", blend[:, :, :3], morphed) + blend[:, :, 3]
+                if t == 0:
+                    linear[offset:offset + v] = blend[:, :, :3]
             vertices[t, offset:offset + v] = posed
         offset += v
     if up_axis == "z":
         vertices = np.stack([vertices[..., 0], -vertices[..., 2], vertices[..., 1]], axis=-1)
+        linear = np.stack([linear[:, 0], -linear[:, 2], linear[:, 1]], axis=1)  # the same row change
     if not np.isfinite(vertices).all():
         raise doc.error("the evaluated vertex positions are not finite")
 
@@ -874,4 +913,9 @@ def _import(doc: _GltfFile, times, num_frames, fps, animation, start, step, up_a
         "up_axis": up_axis,
         "warnings": list(doc.warnings),
     }
+    if provenance:
+        starts = np.cumsum([0] + [len(piece.used) for piece in pieces])
+        metadata["provenance"] = {"linear": linear, "pieces": [
+            {"node": piece.node, "mesh": piece.mesh, "primitive": piece.primitive, "start": int(start),
+             "vertices": piece.used.astype(np.int64)} for piece, start in zip(pieces, starts)]}
     return sequence, metadata

@@ -107,7 +107,7 @@ def read_obj(path: Path) -> dict:
                 libs=libs)
 
 
-def _read_mtl(obj_path: Path, libs: list[str]) -> dict[str, dict]:
+def read_mtl(obj_path: Path, libs: list[str]) -> dict[str, dict]:
     """Material name -> {"Kd": rgb, "map_Kd": Path}; missing libraries are ignored (then the mesh is grey)."""
     materials, current = {}, None
     for lib in libs:
@@ -135,10 +135,10 @@ def weld_corners(faces: np.ndarray, uv_faces: np.ndarray) -> tuple[np.ndarray, n
     return unique[:, 0], unique[:, 1], inverse.reshape(-1, 3)
 
 
-def _obj_appearance(path: Path, obj: dict) -> tuple[np.ndarray, dict]:
+def obj_appearance(path: Path, obj: dict) -> tuple[np.ndarray, dict]:
     """(vertex map into the OBJ's positions, MeshSequence colour fields): a texture splits vertices along uv seams."""
     faces, n = obj["faces"], len(obj["positions"])
-    materials = _read_mtl(path, obj["libs"]) if obj["libs"] else {}
+    materials = read_mtl(path, obj["libs"]) if obj["libs"] else {}
     used = [materials.get(m, {}) for m in obj["materials"]]
     textured = [m["map_Kd"] for m in used if "map_Kd" in m]
     if textured and (obj["uv_faces"] >= 0).all():
@@ -163,7 +163,7 @@ def load_obj_sequence(folder: Path) -> tuple[np.ndarray, dict, dict]:
     """(vertices (T, V, 3) as stored, MeshSequence fields besides vertices, metadata)."""
     files = sorted((p for p in folder.iterdir() if p.suffix.lower() == ".obj" and p.is_file()), key=natural_key)
     first = read_obj(files[0])
-    vertex_map, fields = _obj_appearance(files[0], first)
+    vertex_map, fields = obj_appearance(files[0], first)
     frames = [first["positions"]]
     for path in files[1:]:
         obj = read_obj(path)

@@ -1,7 +1,8 @@
 """The files of one result (a folder per input): ply/frame_XXXX.ply (a standard 3DGS PLY per frame), animation.npz
 (canonical + Δ, reloadable with utils.gaussians), orbit.mp4, compare.mp4 (per frame: the input frame fed to the model |
 the 4D result from the input camera | from a camera orbiting once over the clip) and grid.png (frames × 4 views,
-labelled, the object framed to fill its cells, on grey).
+labelled, the object framed to fill its cells, on grey), viewer.html (the animation to orbit and play in a browser,
+offline, pipeline/viewer.py).
 
     write_rendered(folder, render_outputs(canonical, delta, Views.from_sampling(cfg.sampling), fps, inputs))
 """
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from datasets.condition import COND_BACKGROUND, condition_camera
+from pipeline.viewer import write_viewer
 from utils.cameras import orbit_cameras
 from utils.fileio import atomic_write
 from utils.gaussians import Gaussians, write_ply_sequence
@@ -123,6 +125,8 @@ class Rendered:
     orbit: np.ndarray                     # (orbit_frames, R, R, 3) uint8
     compare: np.ndarray                   # (T, R, 3·R, 3) uint8
     grid: np.ndarray                      # (H, W, 3) uint8
+    inputs: np.ndarray                    # (T, h, w, 3) uint8: the frames the model saw, beside viewer.html's render
+    camera: dict                          # viewer.html's first view: the orbit camera of the videos
     fps: float
 
 
@@ -139,8 +143,9 @@ def render_outputs(canonical: Gaussians, delta: torch.Tensor, s: Views, fps: flo
     dev = delta.device
     orbit = torch.cat([render_views(frames.map(lambda x: x[idx[i:i + 8]]), ext[i:i + 8].to(dev), K[i:i + 8].to(dev),
                                     s.resolution, bg) for i in range(0, k, 8)])
+    camera = {"el": s.elevation_deg, "radius": s.radius, "fov": s.fov_deg}
     return Rendered(canonical.to("cpu"), delta.float().cpu(), to_uint8(orbit.cpu()), compare_frames(frames, inputs, s),
-                    grid_image(frames, s), fps)
+                    grid_image(frames, s), to_uint8(inputs.movedim(1, -1).float().cpu()), camera, fps)
 
 
 def write_rendered(out: Path, r: Rendered) -> dict:
@@ -158,4 +163,5 @@ def write_rendered(out: Path, r: Rendered) -> dict:
     write_video(out / "orbit.mp4", r.orbit, fps=r.fps, overwrite=True)
     write_video(out / "compare.mp4", r.compare, fps=r.fps, overwrite=True)
     atomic_write(out / "grid.png", lambda tmp: Image.fromarray(r.grid).save(tmp, format="PNG"), overwrite=True)
+    write_viewer(out, r.canonical, r.delta, r.fps, r.inputs, overwrite=True, camera=r.camera)
     return {"ply_frames": r.delta.shape[0], "gaussians": len(c)}

@@ -10,8 +10,15 @@ Inputs (`source`): a video file (mp4, mov, mkv, webm, avi, gif), a folder of fra
 (published layout: imgs/, meta_data/, features_all_timesteps/).
 - Videos: frames are matted (alpha channel, rembg when installed with its weights, or a clean-background threshold),
   cropped to a square around the object and composited on the training background. The canonical Gaussians are
-  `canonical` (a PLY path or Gaussians), or made from the first frame by the TRELLIS image-to-3D stage when the
-  pipeline was loaded with `trellis=`. They are turned about Z to match the first frame's silhouette.
+  `canonical` (a Gaussian PLY path, Gaussians, or a mesh path: below), or made from the first frame by the TRELLIS
+  image-to-3D stage when the pipeline was loaded with `trellis=`. They are turned about Z to match the first frame's
+  silhouette.
+- A mesh as `canonical` (.glb / .gltf, .obj, or a .ply with faces; pipeline/mesh_input.py): Gaussians are sampled on
+  its surface (pipeline/mesh_canonical.py), normalised into the models' frame (bounding box centred, largest side 1)
+  and animated like any canonical; the motion is then carried back to the mesh's vertices (pipeline/vertex_motion.py)
+  and result.save also writes animated.glb (pipeline/glb.py): the mesh as given, with one morph target per frame
+  played at the video's rate. Its base positions are the input's own coordinates: the motion is turned back from the
+  alignment's turn and scaled back to the mesh's units (summary.json "canonical_mesh" records the transform).
 - Prepared samples: the video is view 0 of each frame; the canonical is the static VAE's reconstruction of frame 0
   (or `canonical`); `pipe.score(result)` adds PSNR / SSIM (/ LPIPS) on the other views and the motion error against
   the oracle (the mesh motion interpolated at the Gaussians).
@@ -31,10 +38,14 @@ from datasets.condition import COND_BACKGROUND, COND_VIEW, condition_camera, con
 from models.trellis.flow_euler import FlowEulerSampler
 from pipeline.alignment import align_to_silhouette, rotate_z
 from pipeline.canonical import ImageTo3DStage, static_reconstruction
+from pipeline.glb import write_animated_glb
 from pipeline.ground_truth import ground_truth_metrics, held_out_views, mesh_motion, oracle_delta_xyz
 from pipeline.matting import VideoFrames, prepare_video_frames
+from pipeline.mesh_canonical import DEFAULT_COUNT, MeshCanonical, mesh_canonical
+from pipeline.mesh_input import UserMesh, is_mesh_file, read_mesh
 from pipeline.outputs import Rendered, Views, render_outputs, write_rendered
 from pipeline.pack import Models, load_models
+from pipeline.vertex_motion import mesh_displacement
 from utils.cli import InputError
 from utils.fileio import atomic_folder, atomic_write
 from utils.gaussians import Gaussians
@@ -53,6 +64,24 @@ def input_kind(path: Path) -> str | None:
 
 
 @dataclass
+class CanonicalMesh:
+    """A mesh given as the canonical: the file read, the Gaussians sampled on it, and the turn about Z (degrees) that
+    the alignment gave them, which the motion is turned back from."""
+    mesh: UserMesh
+    sampled: MeshCanonical
+    azimuth_deg: float = 0.0
+
+    def summary(self) -> dict:
+        s = self.sampled
+        return {"file": str(self.mesh.path), **self.mesh.info, "vertices": int(self.mesh.surface.vertices.shape[1]),
+                "faces": int(len(self.mesh.surface.faces)), "gaussians": len(s.gaussians),
+                "normalisation": {"centre": s.centre.tolist(), "extent": s.extent, "azimuth_deg": self.azimuth_deg,
+                                  "note": "models' frame = Rz(azimuth_deg) (mesh - centre) / extent, the mesh in the "
+                                          "project's axes (Z up; glTF / OBJ read Y up); animated.glb keeps the "
+                                          "mesh's own coordinates"}}
+
+
+@dataclass
 class Prepared:
     """What the motion stage needs of one input: tokens (T, L, C), the canonical, the frames the model sees
     (T, 3, H, W) and what summary.json records of them."""
@@ -63,6 +92,7 @@ class Prepared:
     canonical: Gaussians
     inputs: torch.Tensor
     info: dict
+    mesh: CanonicalMesh | None = None
 
 
 @dataclass
@@ -76,6 +106,7 @@ class Result:
     inputs: torch.Tensor
     views: Views
     summary: dict = field(default_factory=dict)
+    mesh: CanonicalMesh | None = None   # the canonical came from a mesh: save() also writes animated.glb
 
     @property
     def frames(self) -> Gaussians:
@@ -85,6 +116,15 @@ class Result:
     @property
     def fps(self) -> float:
         return float(self.summary.get("fps") or DEFAULT_FPS)
+
+    def mesh_displacement(self):
+        """With a mesh canonical: the displacement (T, V, 3) of each vertex of mesh.surface (project axes, the
+        mesh's units) per frame, the Gaussians' Δxyz carried back to the vertices (pipeline/vertex_motion.py)."""
+        if self.mesh is None:
+            raise ValueError(f"{self.source}: the canonical was not a mesh")
+        m = self.mesh
+        return mesh_displacement(m.sampled, m.azimuth_deg, self.canonical.xyz, self.delta[..., :3],
+                                 m.mesh.surface.vertices[0])
 
     def save(self, folder: str | Path, overwrite: bool = False) -> Path:
         """Write the result's files (pipeline/outputs.py) and summary.json into `folder`, as a whole: an existing
@@ -107,6 +147,9 @@ class Result:
         with atomic_folder(folder, overwrite=overwrite) as staging:
             t0 = time.perf_counter()
             self.summary.update(write_rendered(staging, rendered))
+            if self.mesh is not None:
+                self.summary["animated_glb"] = write_animated_glb(staging / "animated.glb", self.mesh.mesh,
+                                                                  self.mesh_displacement(), self.fps)
             self.summary["seconds"]["writing"] = time.perf_counter() - t0
             text = json.dumps(self.summary, indent=1)
             atomic_write(staging / "summary.json", lambda tmp: tmp.write_text(text))
@@ -116,8 +159,10 @@ class Result:
 class VideoTo4D:
     """The inference pipeline (module docstring). Build it with `from_pack` (or `load` for separate weights)."""
 
-    def __init__(self, models: Models, views: Views | None = None, image_to_3d: dict | None = None):
+    def __init__(self, models: Models, views: Views | None = None, image_to_3d: dict | None = None,
+                 mesh_gaussians: int = DEFAULT_COUNT):
         self.models = models
+        self.mesh_gaussians = mesh_gaussians   # Gaussians sampled on a mesh canonical
         self.views = views or Views.from_sampling(models.cfg.sampling)
         self._image_to_3d_args, self._image_to_3d = image_to_3d, None  # the TRELLIS stage is loaded on first use
 
@@ -125,17 +170,17 @@ class VideoTo4D:
     def load(cls, pack: str | Path | None = None, *, device: torch.device | str | None = None,
              trellis: str | Path | None = None, dinov2: str | Path | None = None,
              ss_sampler: FlowEulerSampler | None = None, slat_sampler: FlowEulerSampler | None = None,
-             orbit_frames: int = 48, **weights) -> VideoTo4D:
+             orbit_frames: int = 48, mesh_gaussians: int = DEFAULT_COUNT, **weights) -> VideoTo4D:
         """`pack` and/or weights (pipeline/pack.load_models's keywords: dit, motion_vae, static_vae, stats_dir, config,
         vae_config, precision, compile, sampling); `trellis` (a TRELLIS-image-large folder or hub repo) makes the
         canonical of videos given none; `dinov2` a local DINOv2 folder for its condition and, at paper scale, the
-        DiT's image tokens."""
+        DiT's image tokens; `mesh_gaussians` how many Gaussians a mesh canonical is sampled into."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         models = load_models(pack, device=device, dinov2=dinov2, **weights)
         views = Views.from_sampling(models.cfg.sampling, orbit_frames=orbit_frames)
         stage = None if trellis is None else {"trellis": trellis, "dinov2": dinov2, "ss_sampler": ss_sampler,
                                               "slat_sampler": slat_sampler}
-        return cls(models, views, stage)
+        return cls(models, views, stage, mesh_gaussians)
 
     from_pack = load  # VideoTo4D.from_pack("assets/pack"): the usual spelling
 
@@ -171,9 +216,17 @@ class VideoTo4D:
             raise InputError(f"{source}: {what}")
         name = name or (source.stem if source.is_file() else source.name)
         t0 = time.perf_counter()
-        if isinstance(canonical, (str, Path)):
+        mesh = None
+        if isinstance(canonical, (str, Path)) and is_mesh_file(canonical):
+            user_mesh = read_mesh(canonical)
+            mesh = CanonicalMesh(user_mesh, mesh_canonical(user_mesh.surface, self.mesh_gaussians))
+            canonical, origin = mesh.sampled.gaussians.to(self.device), f"mesh {canonical}"
+        elif isinstance(canonical, (str, Path)):
             ply = Path(canonical)
-            canonical = Gaussians.load_ply(ply).to(self.device)
+            try:
+                canonical = Gaussians.load_ply(ply).to(self.device)
+            except ValueError as e:  # a PLY with neither Gaussian fields nor faces: say that both were looked for
+                raise InputError(f"{e}; nor is it a mesh (it has no faces)" if ply.is_file() else str(e)) from None
             origin = str(ply)
         else:
             origin = None if canonical is None else "given"
@@ -183,15 +236,19 @@ class VideoTo4D:
             p = self._sample(source, canonical, origin, count)
         else:
             if canonical is None and self._image_to_3d_args is None:
-                raise ValueError(f"no canonical Gaussians for video {source}: give a canonical PLY (--canonical "
-                                 f"FILE.ply, or a folder with {name}.ply) or the image-to-3D stage (--trellis "
-                                 f"<TRELLIS-image-large folder or repo>)")
+                raise ValueError(f"no canonical Gaussians for video {source}: give a canonical PLY or mesh "
+                                 f"(--canonical FILE.ply / .glb / .gltf / .obj, or a folder with {name}.ply, "
+                                 f"{name}.glb, ...) or the image-to-3D stage (--trellis <TRELLIS-image-large folder "
+                                 f"or repo>)")
             if video is None:
                 video = self.read_video(source, num_frames, start=start, stride=stride, matting=matting)
             p = self._video(source, video, canonical, origin, start=start, matting=matting, seed=seed)
         tokens, canonical, inputs, info = p
+        if mesh is not None:  # a video's canonical was turned to its first frame; the motion is turned back
+            mesh.azimuth_deg = info.get("alignment", {}).get("azimuth_deg", 0.0)
+            info["canonical_mesh"] = mesh.summary()
         info["seconds"] = {"inputs": time.perf_counter() - t0}
-        return Prepared(name, source, kind, tokens, canonical, inputs, info)
+        return Prepared(name, source, kind, tokens, canonical, inputs, info, mesh)
 
     def animate(self, p: Prepared, seed: int | None = None, **sampling) -> Result:
         """The motion stage on a prepared input; the result's summary records the stage times and motion."""
@@ -200,7 +257,7 @@ class VideoTo4D:
         summary = {"input": str(p.source), "kind": p.kind, **p.info, "seed": seed, "model_evaluations": motion.nfe,
                    "seconds": {**p.info["seconds"], **motion.seconds},
                    "motion": motion_statistics(motion.delta[..., :3], None)}
-        return Result(p.name, p.source, p.kind, p.canonical, motion.delta, p.inputs, self.views, summary)
+        return Result(p.name, p.source, p.kind, p.canonical, motion.delta, p.inputs, self.views, summary, p.mesh)
 
     @torch.no_grad()
     def score(self, result: Result, metrics: ImageMetrics) -> dict:
