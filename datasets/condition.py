@@ -51,12 +51,23 @@ def condition_frames(sample_root: Path, num_frames: int, *, data_root: Path | No
     return torch.stack(images)
 
 
-def fps_gaussians(gaussians: torch.Tensor, *counts: int) -> torch.Tensor | tuple[torch.Tensor, ...]:
+def fps_gaussians(gaussians: torch.Tensor, *counts: int,
+                  graph: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """`count` of the Gaussians (B, N, 14) by farthest point sampling of their xyz, started at the first Gaussian as
     MotionVAE.encode starts its anchors: (B, count, 14), one tensor per count. Deterministic, so a canonical gives the
     same sets whenever they are sampled. Several counts share one FPS run: FPS is greedy, so the first k picks of a
-    longer run are the k-pick run itself (inference needs the 512 anchors and the 4096 static set: one run of 4096)."""
-    picks = farthest_point_sample(gaussians[..., :3], max(counts))
+    longer run are the k-pick run itself (inference needs the 512 anchors and the 4096 static set: one run of 4096).
+    `graph`: on a CUDA GPU, one set, pick with utils/fps_cuda.py (the same picks as one CUDA graph, milliseconds
+    instead of the reference loop's launch-bound 0.3 s at 160k Gaussians)."""
+    picks = None
+    if graph and gaussians.is_cuda and gaussians.shape[0] == 1:  # inference: one set, the same picks in one graph
+        try:
+            from utils.fps_cuda import farthest_point_sample_cuda
+            picks = farthest_point_sample_cuda(gaussians[0, :, :3], max(counts))[None]
+        except ImportError:  # no Triton: the reference loop
+            pass
+    if picks is None:
+        picks = farthest_point_sample(gaussians[..., :3], max(counts))
     sets = tuple(gather_points(gaussians, picks[:, :c]) for c in counts)
     return sets if len(sets) > 1 else sets[0]
 

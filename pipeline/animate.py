@@ -72,7 +72,7 @@ class MotionStage:
             raise ValueError(f"the canonical has {n} Gaussians; the models need at least "
                              f"{max(s, self.motion_vae.num_latents)}")
         # The sets encode_latent.py stores for training: the same FPS (MotionVAE.encode's anchors, the static set).
-        anchors, static = fps_gaussians(cond, self.motion_vae.num_latents, s)
+        anchors, static = fps_gaussians(cond, self.motion_vae.num_latents, s, graph=True)
         return dit_condition(static, anchors, tokens.to(self.device, torch.float32)[None], self.stats,
                              self.normalize_position_xyz)
 

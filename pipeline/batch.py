@@ -43,7 +43,8 @@ def _now(fn, *args) -> Future:
 
 
 def run_batch(pipe: VideoTo4D, items: list[Item], options: dict | None = None, metrics: ImageMetrics | None = None,
-              overwrite: bool = False, overlap: bool = True) -> Iterator[tuple[Item, dict | None, BaseException | None]]:
+              overwrite: bool = False,
+              overlap: bool = True) -> Iterator[tuple[Item, dict | None, BaseException | None]]:
     """Yields (item, summary, None) or (item, None, error) per item, in order; summary {"skipped": True} for a
     finished folder. `options` are VideoTo4D.__call__'s keywords; `metrics` scores prepared samples."""
     options = dict(options or {})
