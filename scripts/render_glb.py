@@ -20,7 +20,7 @@ from data_rendering.gltf_import import load_animated_gltf
 from data_rendering.rasterizer import render_mesh
 from pipeline.outputs import label_patch
 from utils import cli
-from utils.cameras import intrinsics_from_fov, orbit_cameras
+from utils.cameras import orbit_cameras
 from utils.fileio import atomic_write
 
 
@@ -42,11 +42,10 @@ def main(argv=None) -> int:
         raise cli.InputError(str(e)) from None
     lo, hi = seq.vertices.reshape(-1, 3).min(0), seq.vertices.reshape(-1, 3).max(0)
     verts = (seq.vertices - (lo + hi) / 2) / float((hi - lo).max())       # all frames in the unit cube
-    ext, _ = orbit_cameras(np.array([args.azimuth]), args.elevation, 2.0, 40.0)
-    K = intrinsics_from_fov(np.array(40.0))
+    ext, K = orbit_cameras(np.array([args.azimuth]), args.elevation, 2.0, 40.0)
     cells = []
     for t, v in enumerate(verts):
-        rgba = render_mesh(v, seq.faces, ext[0].numpy(), K.numpy(), args.size, args.size, vertex_colors=seq.colors,
+        rgba = render_mesh(v, seq.faces, ext[0].numpy(), K[0].numpy(), args.size, args.size, vertex_colors=seq.colors,
                            uvs=seq.uvs, texture=seq.texture)["rgba"][0]
         rgb = (rgba[..., :3] * rgba[..., 3:] + 1 - rgba[..., 3:]).clip(0, 1)
         cell = (rgb * 255 + 0.5).astype(np.uint8)
