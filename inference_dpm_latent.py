@@ -192,8 +192,8 @@ def main(argv=None) -> int:
     wants_metrics = not args.no_metrics and any(j.kind == "sample" for j in jobs)
     metrics = ImageMetrics(load_lpips(device=device)) if wants_metrics else None
     mine = jobs[state.process_index::state.num_processes]
-    # A --canonical folder holding two canonicals of one name is refused before any work.
-    items = [Item(j.name, j.path, args.out / j.name, canonical_file(args, j)) for j in mine]
+    # Each input's canonical is looked up as it runs: a folder with two canonicals of one name fails that input only.
+    items = [Item(j.name, j.path, args.out / j.name, lambda j=j: canonical_file(args, j)) for j in mine]
     options = {"num_frames": args.num_frames, "start": args.start, "stride": args.stride, "matting": args.matting,
                "seed": args.seed}
     failures, bad_input = [], False

@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from pipeline.video_to_4d import VideoTo4D, input_kind
 from utils.metrics import ImageMetrics
@@ -29,7 +29,8 @@ class Item:
     name: str
     source: Path
     out: Path                      # the output folder
-    canonical: Path | None = None
+    # The canonical's path, or a function that finds it: its error is then this input's failure, not the batch's.
+    canonical: Path | Callable[[], Path | None] | None = None
 
 
 def _now(fn, *args) -> Future:
@@ -66,7 +67,8 @@ def run_batch(pipe: VideoTo4D, items: list[Item], options: dict | None = None, m
             return False
 
         def run(item: Item, video) -> Future:
-            result = pipe(item.source, canonical=item.canonical, name=item.name, video=video, **options)
+            canonical = item.canonical() if callable(item.canonical) else item.canonical
+            result = pipe(item.source, canonical=canonical, name=item.name, video=video, **options)
             if metrics is not None and result.kind == "sample":
                 pipe.score(result, metrics)
             rendered = result.render()  # on the device, here; the CPU writes in the writer thread
