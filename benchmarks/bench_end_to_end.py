@@ -45,7 +45,8 @@ def write_videos(folder: Path, count: int, frames: int, size: int = 512) -> None
         for t in range(frames):
             a = 2 * np.pi * t / frames
             cx, cy = 0.5 + 0.15 * np.sin(a + i), 0.5 + 0.05 * np.cos(2 * a)
-            u, v = (x - cx) * np.cos(a / 2) + (y - cy) * np.sin(a / 2), -(x - cx) * np.sin(a / 2) + (y - cy) * np.cos(a / 2)
+            c, s = np.cos(a / 2), np.sin(a / 2)
+            u, v = (x - cx) * c + (y - cy) * s, -(x - cx) * s + (y - cy) * c
             inside = (u / 0.18) ** 2 + (v / 0.3) ** 2 < 1
             colour = np.stack([0.5 + 0.4 * np.sin(20 * v + i), 0.3 + 0.2 * np.cos(15 * u), 0.6 * (v > 0) + 0.2], -1)
             clip.append(np.where(inside[..., None], colour, 1.0))

@@ -3,6 +3,8 @@ data of the paper's shapes: optimiser steps per second (median step time after w
 
     python benchmarks/bench_trainers.py --steps 200                # paper scale (GPU), bf16
     python benchmarks/bench_trainers.py --tiny --steps 10          # CPU check with the tiny configs
+    accelerate launch --num_processes 8 benchmarks/bench_trainers.py --data /tmp/d --json rows.json --profile 5
+                                                                   # one rank per GPU (benchmarks/bench_scaling.py)
 
 Data (written once under --data): per object 8192 surface points over 24 frames, a voxel shell of about 15k voxels at
 64³ with 1024-channel features, 512² RGBA renders (4 views per frame: the loader reads one canonical and one
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -73,10 +76,13 @@ def make_data(root: Path, objects: int, frames: int, views: int, res: int, point
 
 
 class StepTimer:
-    """Wall time of each optimiser step (device-synchronised) and peak memory, around TrainLoop._train_step."""
+    """Wall time of each optimiser step (device-synchronised) and peak memory, around TrainLoop._train_step; with
+    `profile` steps > 0, the time in gradient all-reduce over that many steps after `warmup` (torch.profiler: the
+    device time of NCCL kernels on GPUs, the CPU time of gloo's all-reduce otherwise)."""
 
-    def __init__(self):
+    def __init__(self, warmup: int = 0, profile: int = 0):
         self.times, self.original = [], TrainLoop._train_step
+        self.warmup, self.profile, self.prof = warmup, profile, None
 
     def __enter__(self):
         timer = self
@@ -90,7 +96,15 @@ class StepTimer:
             if cuda:
                 torch.cuda.synchronize()
             timer.times.append(time.perf_counter() - t0)
+            if timer.prof is not None:
+                timer.prof.step()
             return out
+
+        if self.profile:
+            from torch.profiler import ProfilerActivity, profile, schedule
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.prof = profile(activities=acts, schedule=schedule(wait=self.warmup, warmup=1, active=self.profile))
+            self.prof.__enter__()
 
         TrainLoop._train_step = timed
         if torch.cuda.is_available():
@@ -99,6 +113,29 @@ class StepTimer:
 
     def __exit__(self, *exc):
         TrainLoop._train_step = self.original
+        if self.prof is not None:
+            self.prof.__exit__(*exc)
+
+    def allreduce_ms_per_step(self) -> float | None:
+        """Mean all-reduce time per profiled step (ms), None without profiling."""
+        if self.prof is None:
+            return None
+        total = 0.0
+        for e in self.prof.key_averages():
+            name = e.key.lower()
+            if "nccl" in name and "allreduce" in name.replace("_", ""):
+                total += e.self_device_time_total
+            elif not torch.cuda.is_available() and "gloo" in name and "all_reduce" in name:
+                total += e.cpu_time_total
+        return total / 1e3 / self.profile
+
+    def record(self, name: str, samples_per_step: int, warmup: int) -> dict:
+        """The measurement as data (bench_scaling.py reads it): per-process batch, world size, median step."""
+        times = self.times[warmup:] or self.times
+        return {"case": name, "steps": len(self.times), "median_step_s": statistics.median(times),
+                "samples_per_step_per_process": samples_per_step, "world_size": int(os.environ.get("WORLD_SIZE", 1)),
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+                "allreduce_ms_per_step": self.allreduce_ms_per_step()}
 
     def report(self, name: str, samples_per_step: int, warmup: int) -> str:
         times = self.times[warmup:] or self.times
@@ -117,7 +154,12 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="the tiny configs (a CPU check of the benchmark itself)")
     ap.add_argument("--precision", default="bf16" if torch.cuda.is_available() else "no")
     ap.add_argument("--cases", nargs="+", default=["vae_static", "vae_joint", "dit"])
+    ap.add_argument("--compile", action="store_true", help="the DiT trainer with train.compile=true (GPU)")
+    ap.add_argument("--json", type=Path, help="also write the measurements here (rank 0)")
+    ap.add_argument("--profile", type=int, default=0, metavar="K", help="profile K steps after the warm-up: the time "
+                                                                         "in gradient all-reduce")
     args = ap.parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
 
     vae_cfg = ROOT / ("configs/tiny/vae.yml" if args.tiny else "configs/vae.yml")
     dit_cfg = ROOT / ("configs/tiny/diffusion.yml" if args.tiny else "configs/diffusion.yml")
@@ -125,6 +167,9 @@ def main(argv=None) -> int:
     tmp = tempfile.TemporaryDirectory()
     data = args.data or Path(tmp.name) / "data"
     if not data.exists():
+        if rank != 0:
+            raise SystemExit("bench_trainers: under a launcher, give --data with the data already written (one "
+                             "process writes it: run once without the launcher, or use benchmarks/bench_scaling.py)")
         t0 = time.perf_counter()
         make_data(data, args.objects, vc.data.num_timesteps, 4, vc.data.image_resolution, 8192,
                   vc.static_vae.backbones.vae.args.in_channels, (dc.data.num_timesteps, dc.model.resolution,
@@ -146,14 +191,18 @@ def main(argv=None) -> int:
         "vae_static": ("main_vae.py phase 1 (static VAE)", main_vae.main, [*vae_base, "train.static_vae_steps=1000000"], vc),
         "vae_joint": ("main_vae.py phase 2 (static + motion VAE)", main_vae.main, [*vae_base, "train.static_vae_steps=0"], vc),
         "dit": (f"main_latent.py (DiT, T={dc.train.sample_timesteps})", main_latent.main,
-                ["--config", str(dit_cfg), "--data-root", str(data), "--list", str(list_file), *common], dc),
+                ["--config", str(dit_cfg), "--data-root", str(data), "--list", str(list_file), *common,
+                 *(["train.compile=true"] if args.compile else [])], dc),
     }
-    rows = []
+    # One run folder for all ranks of a launch: beside --data when given, else in this process's temporary folder.
+    runs = args.data.parent / "bench_runs" if args.data else Path(tmp.name)
+    rows, records = [], []
     for key in args.cases:
         name, fn, argv_, cfg = cases[key]
-        with StepTimer() as timer:
-            fn([*argv_, "--out", str(Path(tmp.name) / key)])
+        with StepTimer(args.warmup, args.profile) as timer:
+            fn([*argv_, "--out", str(runs / key), "--restart"])
         rows.append(timer.report(name, cfg.train.batch_size * cfg.train.grad_accum, args.warmup))
+        records.append({"key": key, **timer.record(name, cfg.train.batch_size * cfg.train.grad_accum, args.warmup)})
         print(rows[-1], flush=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -162,6 +211,8 @@ def main(argv=None) -> int:
     print("| Trainer | Steps | Optimiser steps/s | Samples/s | Median step (ms) | Peak memory (GiB) |")
     print("|---|---|---|---|---|---|")
     print("\n".join(rows))
+    if args.json and rank == 0:
+        args.json.write_text(json.dumps(records, indent=1))
     return 0
 
 
