@@ -45,6 +45,7 @@ from models.dpm_solver import SamplerConfig
 from models.trellis.flow_euler import SLAT_DEFAULTS, SS_DEFAULTS, add_sampler_args, sampler_from_args
 from pipeline.batch import Item, run_batch
 from pipeline.mesh_canonical import DEFAULT_COUNT
+from pipeline.outputs import OUTPUTS
 from pipeline.video_to_4d import VideoTo4D, input_kind
 from utils import cli
 from utils.logging import report_failures
@@ -90,6 +91,9 @@ def parse_args(argv=None):
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the DiT with CUDA graphs (GPU; pays off over many inputs)")
     ap.add_argument("--orbit-frames", type=int, default=48, help="frames of orbit.mp4 (one turn)")
+    ap.add_argument("--outputs", nargs="+", choices=sorted(OUTPUTS), metavar="NAME",
+                    help=f"write only these files (summary.json always; default all): "
+                         f"{', '.join(f'{k} ({v})' for k, v in OUTPUTS.items())}; skipped ones are not rendered")
     ap.add_argument("--overwrite", action="store_true",
                     help="redo inputs whose outputs exist: each input's folder is replaced as a whole once its new "
                          "outputs are complete (a failed input keeps its previous outputs)")
@@ -153,7 +157,7 @@ def load_pipeline(args, device) -> VideoTo4D:
         return VideoTo4D.load(args.pack, dit=args.dit, motion_vae=args.motion_vae, static_vae=args.static_vae,
                               stats_dir=args.stats_dir, config=args.config, vae_config=args.vae_config, device=device,
                               precision=args.precision, compile=args.compile, sampling=sampling,
-                              orbit_frames=args.orbit_frames, mesh_gaussians=args.mesh_gaussians,
+                              orbit_frames=args.orbit_frames, outputs=args.outputs, mesh_gaussians=args.mesh_gaussians,
                               trellis=args.trellis, dinov2=args.dinov2,
                               ss_sampler=sampler_from_args(args, "ss", SS_DEFAULTS),
                               slat_sampler=sampler_from_args(args, "slat", SLAT_DEFAULTS))
@@ -165,7 +169,7 @@ def result_line(name: str, summary: dict, out: Path) -> str:
     """One input's outcome, printed as soon as it finishes."""
     if summary.get("skipped"):
         return f"{name}: outputs exist in {out} (--overwrite to redo)"
-    line = f"{name}: {summary['ply_frames']} frames, {summary['model_evaluations']} model evaluations, " \
+    line = f"{name}: {summary['frames']} frames, {summary['model_evaluations']} model evaluations, " \
            f"{sum(summary['seconds'].values()):.1f} s"
     if "animated_glb" in summary:
         line += f", animated.glb ({summary['animated_glb']['morph_targets']} morph targets)"

@@ -153,7 +153,7 @@ def child(args) -> dict:
             "batch_videos": len(videos), "batch_s": t_batch - t_first,
             "videos_per_minute": 60 * len(videos) / (t_batch - t_first),
             "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-            "gaussians": summaries[0]["gaussians"], "frames": summaries[0]["ply_frames"],
+            "gaussians": summaries[0]["gaussians"], "frames": summaries[0]["frames"],
             "device": torch.cuda.get_device_name() if cuda else "cpu"}
 
 

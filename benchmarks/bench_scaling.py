@@ -43,14 +43,17 @@ def trainers(args) -> list[dict]:
                         "--warmup", "0", "--cases", "dit", *(["--tiny"] if args.tiny else [])], cwd=ROOT, check=True)
     rows = []
     for n in args.procs:
-        out = args.work / f"trainers_{n}.json"
-        profile = ["--profile", "3"] if n == max(args.procs) and n > 1 else []
-        cmd = launch(n, args.cpu, "benchmarks/bench_trainers.py",
-                     ["--data", str(data), "--steps", str(args.steps), "--warmup", str(args.warmup), "--json", str(out),
-                      *profile, *(["--tiny"] if args.tiny else []), *(["--precision", "no"] if args.cpu else [])])
-        subprocess.run(cmd, cwd=ROOT, check=True)
-        for r in json.loads(out.read_text()):
-            rows.append({**r, "procs": n, "samples_per_s": n * r["samples_per_step_per_process"] / r["median_step_s"]})
+        for case in args.cases:  # one launch per trainer: a process group lives as long as its processes
+            out = args.work / f"trainers_{n}_{case}.json"
+            profile = ["--profile", "3"] if n == max(args.procs) and n > 1 else []
+            cmd = launch(n, args.cpu, "benchmarks/bench_trainers.py",
+                         ["--data", str(data), "--steps", str(args.steps), "--warmup", str(args.warmup), "--cases", case,
+                          "--json", str(out), *profile, *(["--tiny"] if args.tiny else []),
+                          *(["--precision", "no"] if args.cpu else [])])
+            subprocess.run(cmd, cwd=ROOT, check=True)
+            for r in json.loads(out.read_text()):
+                rows.append({**r, "procs": n,
+                             "samples_per_s": n * r["samples_per_step_per_process"] / r["median_step_s"]})
     return rows
 
 
@@ -106,6 +109,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--tiny", action="store_true", help="the tiny configs")
+    ap.add_argument("--cases", nargs="+", default=["vae_static", "vae_joint", "dit"], help="bench_trainers.py cases")
     ap.add_argument("--cpu", action="store_true", help="CPU processes talking over gloo")
     ap.add_argument("--e2e-root", type=Path, help="a bench_end_to_end.py root: also time sharded inference on it")
     ap.add_argument("--gaussians", type=int, default=160_000, help="inference: Gaussians of each clip's canonical")

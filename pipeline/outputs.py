@@ -25,6 +25,11 @@ from utils.render import rasterize
 from utils.video import to_uint8, write_video
 
 
+# What each name writes (summary.json always): a run that wants only some files renders only those.
+OUTPUTS = {"ply": "ply/frame_XXXX.ply", "npz": "animation.npz", "orbit": "orbit.mp4", "compare": "compare.mp4",
+           "grid": "grid.png", "viewer": "viewer.html"}
+
+
 @dataclass(frozen=True)
 class Views:
     """The output cameras (a config's `sampling:` block: orbit at elevation_deg, radius, fov_deg) and images."""
@@ -34,6 +39,15 @@ class Views:
     fov_deg: float = 49.1
     background: str = "white"         # orbit.mp4's; compare.mp4 uses the input's, grid.png grey
     orbit_frames: int = 48            # frames of orbit.mp4 (one turn)
+    outputs: frozenset = frozenset()  # the files to write (OUTPUTS); empty: all of them
+
+    def __post_init__(self):
+        unknown = set(self.outputs) - set(OUTPUTS)
+        if unknown:
+            raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {', '.join(OUTPUTS)}")
+
+    def wants(self, name: str) -> bool:
+        return not self.outputs or name in self.outputs
 
     @classmethod
     def from_sampling(cls, sampling, **overrides) -> "Views":
@@ -122,12 +136,13 @@ class Rendered:
     write_rendered writes, so that the writing (PLY, npz, video encoding) can run beside the next input's GPU work."""
     canonical: Gaussians                  # (N)
     delta: torch.Tensor                   # (T, N, 14)
-    orbit: np.ndarray                     # (orbit_frames, R, R, 3) uint8
-    compare: np.ndarray                   # (T, R, 3·R, 3) uint8
-    grid: np.ndarray                      # (H, W, 3) uint8
+    orbit: np.ndarray | None              # (orbit_frames, R, R, 3) uint8
+    compare: np.ndarray | None            # (T, R, 3·R, 3) uint8
+    grid: np.ndarray | None               # (H, W, 3) uint8
     inputs: np.ndarray                    # (T, h, w, 3) uint8: the frames the model saw, beside viewer.html's render
     camera: dict                          # viewer.html's first view: the orbit camera of the videos
     fps: float
+    outputs: frozenset                    # Views.outputs: the files to write (empty: all)
 
 
 @torch.no_grad()
@@ -135,33 +150,43 @@ def render_outputs(canonical: Gaussians, delta: torch.Tensor, s: Views, fps: flo
                    inputs: torch.Tensor) -> Rendered:
     """The images of one result (module docstring); `inputs` (T, 3, h, w) are the frames the model saw."""
     frames = canonical.apply_delta(delta)                                                     # (T, N)
-    t = delta.shape[0]
-    bg = 1.0 if s.background == "white" else 0.0
-    k = s.orbit_frames
-    ext, K = orbit_cameras(torch.arange(k) * (360.0 / k), s.elevation_deg, s.radius, s.fov_deg)
-    idx = torch.arange(k) % t
-    dev = delta.device
-    orbit = torch.cat([render_views(frames.map(lambda x: x[idx[i:i + 8]]), ext[i:i + 8].to(dev), K[i:i + 8].to(dev),
-                                    s.resolution, bg) for i in range(0, k, 8)])
+    orbit = None
+    if s.wants("orbit"):
+        t, k, dev = delta.shape[0], s.orbit_frames, delta.device
+        bg = 1.0 if s.background == "white" else 0.0
+        ext, K = orbit_cameras(torch.arange(k) * (360.0 / k), s.elevation_deg, s.radius, s.fov_deg)
+        idx = torch.arange(k) % t
+        orbit = to_uint8(torch.cat([render_views(frames.map(lambda x: x[idx[i:i + 8]]), ext[i:i + 8].to(dev),
+                                                 K[i:i + 8].to(dev), s.resolution, bg) for i in range(0, k, 8)]).cpu())
     camera = {"el": s.elevation_deg, "radius": s.radius, "fov": s.fov_deg}
-    return Rendered(canonical.to("cpu"), delta.float().cpu(), to_uint8(orbit.cpu()), compare_frames(frames, inputs, s),
-                    grid_image(frames, s), to_uint8(inputs.movedim(1, -1).float().cpu()), camera, fps)
+    return Rendered(canonical.to("cpu"), delta.float().cpu(), orbit,
+                    compare_frames(frames, inputs, s) if s.wants("compare") else None,
+                    grid_image(frames, s) if s.wants("grid") else None,
+                    to_uint8(inputs.movedim(1, -1).float().cpu()), camera, fps, s.outputs)
 
 
 def write_rendered(out: Path, r: Rendered) -> dict:
     """Write the files of one result into `out` (module docstring); returns what summary.json records of them."""
-    write_ply_sequence(r.canonical.apply_delta(r.delta), out / "ply", overwrite=True)
+    wants = lambda name: not r.outputs or name in r.outputs
     c = r.canonical
-    arrays = {"xyz": c.xyz, "f_dc": c.f_dc, "opacity_logit": c.opacity_logit, "scale_pre": c.scale_pre,
-              "quat": c.quat, "delta": r.delta}
+    if wants("ply"):
+        write_ply_sequence(c.apply_delta(r.delta), out / "ply", overwrite=True)
+    if wants("npz"):
+        arrays = {"xyz": c.xyz, "f_dc": c.f_dc, "opacity_logit": c.opacity_logit, "scale_pre": c.scale_pre,
+                  "quat": c.quat, "delta": r.delta}
 
-    def save(tmp):
-        with open(tmp, "wb") as f:  # a file object: numpy would append ".npz" to the temporary name
-            np.savez_compressed(f, **{k: v.float().numpy() for k, v in arrays.items()})
+        def save(tmp):
+            with open(tmp, "wb") as f:  # a file object: numpy would append ".npz" to the temporary name
+                np.savez_compressed(f, **{k: v.float().numpy() for k, v in arrays.items()})
 
-    atomic_write(out / "animation.npz", save, overwrite=True)
-    write_video(out / "orbit.mp4", r.orbit, fps=r.fps, overwrite=True)
-    write_video(out / "compare.mp4", r.compare, fps=r.fps, overwrite=True)
-    atomic_write(out / "grid.png", lambda tmp: Image.fromarray(r.grid).save(tmp, format="PNG"), overwrite=True)
-    write_viewer(out, r.canonical, r.delta, r.fps, r.inputs, overwrite=True, camera=r.camera)
-    return {"ply_frames": r.delta.shape[0], "gaussians": len(c)}
+        atomic_write(out / "animation.npz", save, overwrite=True)
+    if r.orbit is not None:
+        write_video(out / "orbit.mp4", r.orbit, fps=r.fps, overwrite=True)
+    if r.compare is not None:
+        write_video(out / "compare.mp4", r.compare, fps=r.fps, overwrite=True)
+    if r.grid is not None:
+        atomic_write(out / "grid.png", lambda tmp: Image.fromarray(r.grid).save(tmp, format="PNG"), overwrite=True)
+    if wants("viewer"):
+        write_viewer(out, r.canonical, r.delta, r.fps, r.inputs, overwrite=True, camera=r.camera)
+    return {"ply_frames": r.delta.shape[0] if wants("ply") else 0, "gaussians": len(c),
+            "outputs": sorted(r.outputs or OUTPUTS)}

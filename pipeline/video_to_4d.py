@@ -170,14 +170,15 @@ class VideoTo4D:
     def load(cls, pack: str | Path | None = None, *, device: torch.device | str | None = None,
              trellis: str | Path | None = None, dinov2: str | Path | None = None,
              ss_sampler: FlowEulerSampler | None = None, slat_sampler: FlowEulerSampler | None = None,
-             orbit_frames: int = 48, mesh_gaussians: int = DEFAULT_COUNT, **weights) -> VideoTo4D:
+             orbit_frames: int = 48, outputs=None, mesh_gaussians: int = DEFAULT_COUNT, **weights) -> VideoTo4D:
         """`pack` and/or weights (pipeline/pack.load_models's keywords: dit, motion_vae, static_vae, stats_dir, config,
         vae_config, precision, compile, sampling); `trellis` (a TRELLIS-image-large folder or hub repo) makes the
         canonical of videos given none; `dinov2` a local DINOv2 folder for its condition and, at paper scale, the
-        DiT's image tokens; `mesh_gaussians` how many Gaussians a mesh canonical is sampled into."""
+        DiT's image tokens; `outputs` the files save() writes (pipeline/outputs.OUTPUTS names; default all);
+        `mesh_gaussians` how many Gaussians a mesh canonical is sampled into."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         models = load_models(pack, device=device, dinov2=dinov2, **weights)
-        views = Views.from_sampling(models.cfg.sampling, orbit_frames=orbit_frames)
+        views = Views.from_sampling(models.cfg.sampling, orbit_frames=orbit_frames, outputs=frozenset(outputs or ()))
         stage = None if trellis is None else {"trellis": trellis, "dinov2": dinov2, "ss_sampler": ss_sampler,
                                               "slat_sampler": slat_sampler}
         return cls(models, views, stage, mesh_gaussians)

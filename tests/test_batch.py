@@ -82,3 +82,27 @@ def test_overlapped_batch_writes_the_sequential_files(world, monkeypatch):  # no
     assert outcomes[0][1] == {"skipped": True} and outcomes[1][2] is None
     assert isinstance(outcomes[2][2], FileExistsError) and "earlier input" in str(outcomes[2][2])
     assert _tree(out / "x") == {k.split("/", 1)[1]: v for k, v in overlapped.items() if k.startswith(f"{name}/")}
+
+
+def test_only_the_outputs_asked_for_are_rendered_and_written(world, monkeypatch):  # noqa: F811
+    """--outputs npz viewer: those files and summary.json, the same bytes as in a full run; the orbit, compare and grid
+    renders are not made at all."""
+    import pipeline.outputs as outputs
+    root, data, pack = world
+    sample = data / layout.list_samples(data)[0]
+    full = VideoTo4D.load(pack, config=DIT, vae_config=VAE, device="cpu", orbit_frames=8)
+    some = VideoTo4D.load(pack, config=DIT, vae_config=VAE, device="cpu", orbit_frames=8, outputs=["npz", "viewer"])
+    full(sample, **OPTIONS).save(root / "outputs_all" / "s", overwrite=True)
+    calls = []
+    for name in ("compare_frames", "grid_image", "render_views"):
+        def spy(*a, _real=getattr(outputs, name), _name=name, **k):
+            calls.append(_name)
+            return _real(*a, **k)
+        monkeypatch.setattr(outputs, name, spy)
+    some(sample, **OPTIONS).save(root / "outputs_some" / "s", overwrite=True)
+    assert calls == []
+    got = _tree(root / "outputs_some" / "s")
+    assert set(got) == {"animation.npz", "viewer.html", "summary.json"}
+    want = _tree(root / "outputs_all" / "s")
+    assert got["animation.npz"] == want["animation.npz"] and got["viewer.html"] == want["viewer.html"]
+    assert got["summary.json"]["outputs"] == ["npz", "viewer"] and got["summary.json"]["ply_frames"] == 0
