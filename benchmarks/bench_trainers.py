@@ -78,7 +78,7 @@ def make_data(root: Path, objects: int, frames: int, views: int, res: int, point
 class StepTimer:
     """Wall time of each optimiser step (device-synchronised) and peak memory, around TrainLoop._train_step; with
     `profile` steps > 0, the time in gradient all-reduce over that many steps after `warmup` (torch.profiler: the
-    device time of NCCL kernels on GPUs, the CPU time of gloo's all-reduce otherwise)."""
+    device time of NCCL's all-reduce kernels; GPUs only)."""
 
     def __init__(self, warmup: int = 0, profile: int = 0):
         self.times, self.original = [], TrainLoop._train_step
@@ -118,15 +118,10 @@ class StepTimer:
 
     def allreduce_ms_per_step(self) -> float | None:
         """Mean all-reduce time per profiled step (ms), None without profiling."""
-        if self.prof is None:
+        if self.prof is None or not torch.cuda.is_available():  # gloo reduces in its own threads, unseen here
             return None
-        total = 0.0
-        for e in self.prof.key_averages():
-            name = e.key.lower()
-            if "nccl" in name and "allreduce" in name.replace("_", ""):
-                total += e.self_device_time_total
-            elif not torch.cuda.is_available() and "gloo" in name and "all_reduce" in name:
-                total += e.cpu_time_total
+        total = sum(e.self_device_time_total for e in self.prof.key_averages()
+                    if "nccl" in e.key.lower() and "allreduce" in e.key.lower().replace("_", ""))
         return total / 1e3 / self.profile
 
     def record(self, name: str, samples_per_step: int, warmup: int) -> dict:
