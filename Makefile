@@ -17,7 +17,8 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) inference_dpm_latent.py --pack assets/pack --input assets/examples --canonical assets/examples \
 		--out outputs/demo --overwrite
-	@echo "outputs: outputs/demo/<input>/ (ply/, animation.npz, orbit.mp4, compare.mp4, grid.png, summary.json;"
+	@echo "outputs: outputs/demo/<input>/ (viewer.html: open it in a browser; ply/, animation.npz, orbit.mp4,"
+	@echo "         compare.mp4, grid.png, summary.json;"
 	@echo "         obj_00213, whose canonical is the mesh assets/examples/obj_00213.glb, also animated.glb)"
 
 test: $(STAMP)
