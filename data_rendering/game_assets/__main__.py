@@ -2,6 +2,7 @@
 
     python -m data_rendering.game_assets --cache data/game_cache --out data/real [--packages ufoai-data ...]
         [--frames 16 --views 12 --res 128] [--limit N] [--dry-run]
+    python -m data_rendering.game_assets --cache data/game_cache --bundle data/real_bundle [--frames 16] ...
 
 1. Each package is downloaded with `apt-get download` into <cache>/debs (skipped when its .deb is there) and unpacked
    with `dpkg-deb -x` into <cache>/root/<package>. Its version and its copyright file
@@ -20,6 +21,12 @@
    group, split). Rows of packages not named in this run are kept.
 5. The split is by model (split.py): all.txt, train.txt and test.txt get the new names appended (lines already there
    are kept), and a name that would sit on both sides is an error.
+
+With --bundle FILE (a folder: bundle.DEFAULT_NAME in it) instead of --out, steps 1, 2 and the split are the same,
+but the accepted clips are not rendered: their frames, meshes and textures go into one compact file with their
+manifest rows and the listing (bundle.py; an existing file is replaced only with --overwrite), and
+`python -m data_rendering.game_assets.unbundle FILE --out D` writes the samples, lists and manifest on a machine
+without the packages.
 
 A model or clip that cannot be read is reported on one line and the batch goes on; the exit status is then 1.
 """
@@ -358,7 +365,7 @@ def _finish_bundle(args, run: Run, target: Path) -> None:
         return
     train, test = assign_split(run.records, args.seed, args.test_fraction)
     settings = dict(frames=args.frames, seed=args.seed, test_fraction=args.test_fraction,
-                    packages=sorted({r["package"] for r in run.rows}))
+                    packages=sorted(set(args.packages)))
     size = run.sink.finish(target, run.records, csv_text(run.rows).encode(), settings)
     models = len({(r["package"], r["model"]) for r in run.records})
     print(f"{len(run.records)} clips from {models} models ({len(train)} train, {len(test)} test) in {target}: "
