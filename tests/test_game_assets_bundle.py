@@ -99,9 +99,9 @@ def test_lists_manifest_metadata_and_split_kept(made):
     train = layout.read_list_file(direct / "train.txt", direct)
     test = layout.read_list_file(direct / "test.txt", direct)
     assert [n.split("__")[1] for n in train] == ["f_u"] and len(test) == 2  # the seed put u in train, v in test
-    rows = lambda root: sorted((json.loads(line) for line in (root / command.MANIFEST).read_text().splitlines()),  # noqa: E731
-                               key=lambda r: r["sample"])
-    assert rows(unbundled) == rows(direct) and {r["split"] for r in rows(direct)} == {"train", "test"}
+    rows = {root: sorted(command.read_jsonl(root / command.MANIFEST), key=lambda r: r["sample"])
+            for root in (direct, unbundled)}
+    assert rows[unbundled] == rows[direct] and {r["split"] for r in rows[direct]} == {"train", "test"}
     for name in train + test:
         a = json.loads(layout.render_metadata_path(direct / name).read_text())
         b = json.loads(layout.render_metadata_path(unbundled / name).read_text())

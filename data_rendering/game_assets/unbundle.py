@@ -76,9 +76,10 @@ def main(argv=None) -> int:
     for name in reader.names:
         try:
             record = reader.clip(name)["record"]
-            if record.get("sample") != name or record.get("split") not in ("train", "test"):
+            row = record if isinstance(record, dict) else {}
+            if row.get("sample") != name or row.get("split") not in ("train", "test"):
                 raise InputError(f"{reader.path}!clips/{name}.json: its manifest row has sample "
-                                 f"{record.get('sample')!r} and split {record.get('split')!r}")
+                                 f"{row.get('sample')!r} and split {row.get('split')!r}")
             final = sample_folder(f"{reader.path}!clips/{name}.json", args.out, name)
         except InputError as e:
             fail(name, cli.one_line(e))
