@@ -357,9 +357,10 @@ def import_one(path: Path, name: str, args) -> str:
     return write_prepared(seq, meta, final, name, args)
 
 
-def add_writer_options(ap: argparse.ArgumentParser) -> None:
-    """--out and the options of the written sample folders (shared with data_rendering/game_assets)."""
-    ap.add_argument("--out", type=Path, required=True, help="data root (sample folders and list files)")
+def add_writer_options(ap: argparse.ArgumentParser, out_required: bool = True) -> None:
+    """--out and the options of the written sample folders (shared with data_rendering/game_assets, whose --bundle
+    may stand in for --out)."""
+    ap.add_argument("--out", type=Path, required=out_required, help="data root (sample folders and list files)")
     ap.add_argument("--frames", type=int, default=DEFAULT_FRAMES)
     ap.add_argument("--views", type=int, default=16, help="views per frame (8 fixed, then random)")
     ap.add_argument("--res", type=int, default=128, help="render resolution (square)")

@@ -5,6 +5,7 @@
 #   scripts/train_pack.sh                       # configs/small on this machine (one GPU: about 25 minutes)
 #   scripts/train_pack.sh --scale tiny --num 24 --vae-set train.max_steps=20 --dit-set train.max_steps=20
 #   scripts/train_pack.sh --real data/real      # synthetic + real animations (python -m data_rendering.game_assets)
+#   scripts/train_pack.sh --real-bundle b.zip   # the same from a bundle (game_assets --bundle), without the packages
 #
 # Rerun the same command to continue: finished stages are skipped (their stamps are in <runs>/done/), an interrupted
 # training stage resumes from its last checkpoint, the data generator keeps the objects it already wrote. SIGTERM or
@@ -24,6 +25,8 @@ Usage: scripts/train_pack.sh [options]
   --real DIR       also train on the prepared real animations in DIR (data_rendering.game_assets --out DIR, made
                    with the scale's frames, views and resolution): its samples are hard-linked into the data root,
                    its train.txt joins the synthetic one, and the pack is evaluated on both test lists
+  --real-bundle FILE  the same from a game_assets bundle (game_assets --bundle FILE): a first stage unbundles it
+                   into DATA_real with the scale's frames, views and resolution, which is then used as --real
   --num N          synthetic objects (default: 2000)
   --test-fraction F  held-out share of them (default: 0.06)
   --seed S         data seed (default: 2)
@@ -35,7 +38,7 @@ Usage: scripts/train_pack.sh [options]
 EOF
 }
 
-scale=small data="" runs="" real="" num=2000 test_fraction=0.06 seed=2 workers="" eval_limit=""
+scale=small data="" runs="" real="" real_bundle="" num=2000 test_fraction=0.06 seed=2 workers="" eval_limit=""
 vae_set=() dit_set=()
 py=.venv/bin/python; [ -x "$py" ] || py=python3
 while [ $# -gt 0 ]; do
@@ -44,6 +47,7 @@ while [ $# -gt 0 ]; do
     --data) data="$2"; shift ;;
     --runs) runs="$2"; shift ;;
     --real) real="$2"; shift ;;
+    --real-bundle) real_bundle="$2"; shift ;;
     --num) num="$2"; shift ;;
     --test-fraction) test_fraction="$2"; shift ;;
     --seed) seed="$2"; shift ;;
@@ -59,8 +63,17 @@ while [ $# -gt 0 ]; do
 done
 vae_cfg=configs/$scale/vae.yml dit_cfg=configs/$scale/diffusion.yml
 for f in "$vae_cfg" "$dit_cfg"; do [ -f "$f" ] || { echo "train_pack.sh: $f not found (--scale $scale)" >&2; exit 2; }; done
-data=${data:-data/$scale} runs=${runs:-runs/$scale${real:+_mixed}}
-[ -z "$real" ] || [ -f "$real/train.txt" ] || { echo "train_pack.sh: $real/train.txt not found (--real)" >&2; exit 2; }
+data=${data:-data/$scale}
+# --real-bundle: the unbundled samples are a prepared folder beside the data root, used as --real's (unbundling into
+# the data root itself would append the real names to the synthetic lists, whose test.txt is the evaluation's).
+if [ -n "$real_bundle" ]; then
+  [ -z "$real" ] || { echo "train_pack.sh: give --real or --real-bundle, not both" >&2; exit 2; }
+  [ -e "$real_bundle" ] || { echo "train_pack.sh: $real_bundle not found (--real-bundle)" >&2; exit 2; }
+  real=${data}_real
+fi
+runs=${runs:-runs/$scale${real:+_mixed}}
+[ -z "$real" ] || [ -n "$real_bundle" ] || [ -f "$real/train.txt" ] ||
+  { echo "train_pack.sh: $real/train.txt not found (--real)" >&2; exit 2; }
 workers=${workers:-$(nproc)}
 mkdir -p "$runs/done" "$data"
 times="$runs/minutes.tsv"
@@ -105,6 +118,8 @@ stage data "$py" -m data_rendering.synthetic --out "$data" --num "$num" --frames
   --res "$res" --test-fraction "$test_fraction" --seed "$seed" --workers "$workers"
 train_list=$data/train.txt
 if [ -n "$real" ]; then
+  [ -z "$real_bundle" ] || stage unbundle "$py" -m data_rendering.game_assets.unbundle "$real_bundle" --out "$real" \
+    --frames "$frames" --views "$views" --res "$res" --workers "$workers"
   # One data root for the trainers: the real samples are hard links beside the synthetic ones (no copy, no symlink
   # for the layout's confinement to refuse); their names (<game>__<model>__<clip>) never clash with obj_XXXXX.
   stage real bash -c 'set -e; while read -r n; do if [ -n "$n" ] && [ ! -e "$2/$n" ]; then cp -al "$1/$n" "$2/$n"; fi

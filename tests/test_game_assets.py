@@ -342,8 +342,26 @@ def test_real_iqm_bind_and_frame0():
 
 
 # ============================================================================================== the command
-def write_deb(tmp: Path, cache: Path, corrupt: bool) -> None:
-    """A megaglest-data .deb holding one unit: a walking clip, a copy of it, a static clip and maybe a bad file."""
+def write_textured_unit(units: Path) -> None:
+    """Unit "v": five vertices on a 300 x 40 texture (larger than any stored bundle texture), two moving clips."""
+    models = units / "v/models"
+    models.mkdir(parents=True)
+    x, y = np.meshgrid(np.linspace(0, 1, 300), np.linspace(0, 1, 40))  # smooth: a shrunk copy stays close
+    image = np.stack([x, y, 1 - x * y, np.ones_like(x)], -1)
+    Image.fromarray(np.rint(image * 255).astype(np.uint8), "RGBA").save(models / "skin.png")
+    base = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1]], np.float64)
+    uvs = [[0, 0], [1, 0], [0, 1], [0.5, 0.5], [1, 1]]
+    faces = [[0, 1, 2], [0, 2, 3], [1, 2, 3], [1, 4, 2]]
+    t = np.linspace(0, 1, 5)[:, None, None]
+    for clip, direction in (("walking", [0.3, 0, 0]), ("attacking", [0, 0, 0.25])):
+        frames = base[None] + t * np.array(direction) * np.array([0, 0, 1, 1, 1])[None, :, None]
+        mesh = g3d_mesh("body", frames, faces, uvs, ("skin.png",))
+        (models / f"v_{clip}.g3d").write_bytes(b"G3D" + bytes([4]) + struct.pack("<HB", 1, 0) + mesh)
+
+
+def write_deb(tmp: Path, cache: Path, corrupt: bool, textured: bool = False) -> None:
+    """A megaglest-data .deb holding one unit: a walking clip, a copy of it, a static clip and maybe a bad file; with
+    `textured` also write_textured_unit's."""
     pkg = tmp / "pkg"
     models = pkg / "usr/share/games/megaglest/techs/megapack/factions/f/units/u/models"
     models.mkdir(parents=True)
@@ -357,6 +375,8 @@ def write_deb(tmp: Path, cache: Path, corrupt: bool) -> None:
     (models / "u_standing.g3d").write_bytes(still)
     if corrupt:
         (models / "u_dying.g3d").write_bytes(g3d[:40])
+    if textured:
+        write_textured_unit(models.parent.parent)
     doc = pkg / "usr/share/doc/megaglest-data"
     doc.mkdir(parents=True)
     (doc / "copyright").write_text("Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n\n"

@@ -1,7 +1,9 @@
 """scripts/train_pack.sh at the tiny scale on the CPU: interrupted in its VAE stage, rerun to the end, rerun again.
 What must hold: a SIGTERM stops it with status 3 after the trainer saved; the rerun skips the finished stages, resumes
 the trainer to its last step and writes a float16 pack equal to the runs' EMA weights; a third run does nothing."""
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -101,6 +103,35 @@ def test_train_pack_with_real_animations(tmp_path):
     assert (data / "train_mixed.txt").read_text().split() == synthetic + ["walk_a"]
     assert (data / "real_test.txt").read_text().split() == ["walk_b"]
     assert (data / "latents" / "walk_a").is_dir() and not (data / "latents" / "walk_b").exists()  # trained on, or not
-    import json
     assert json.loads((runs / "eval_real" / "metrics.json").read_text())["names"] == ["walk_b"]
     assert json.loads((runs / "eval" / "metrics.json").read_text())["names"][0].startswith("obj_")
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="dpkg-deb is needed to build the test package")
+def test_train_pack_with_a_real_bundle(tmp_path):
+    """--real-bundle: a first stage unbundles the bundle at the scale's frames, views and resolution into DATA_real,
+    which then joins the data root as --real's folder does, with the split the bundle recorded."""
+    from test_game_assets import write_deb
+    from test_game_assets_bundle import _seed
+
+    write_deb(tmp_path, tmp_path / "cache", corrupt=False, textured=True)
+    bundle = tmp_path / "b.zip"
+    made = subprocess.run([sys.executable, "-m", "data_rendering.game_assets", "--cache", str(tmp_path / "cache"),
+                           "--packages", "megaglest-data", "--bundle", str(bundle), "--frames", "8",
+                           "--test-fraction", "0.5", "--seed", str(_seed())], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-2000:]
+    run = subprocess.run(_command(tmp_path) + ["--real-bundle", str(bundle)], cwd=REPO, env=_env(),
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    data, real, runs = tmp_path / "data", tmp_path / "data_real", tmp_path / "runs"
+    assert "== unbundle:" in run.stdout and (runs / "done" / "unbundle").is_file()
+    test = (real / "test.txt").read_text().split()
+    assert [n.split("__")[1] for n in test] == ["f_v", "f_v"]  # the seed put unit v on the test side
+    assert (data / "real_test.txt").read_text().split() == test
+    assert (data / "train_mixed.txt").read_text().split()[-1] == "megaglest__f_u__u_walking"
+    sample = real / "megaglest__f_u__u_walking"
+    meta = json.loads((sample / "metadata.json").read_text())
+    assert (meta["frames"], meta["views"], meta["resolution"]) == (8, 8, 64)  # configs/tiny's
+    image = Path("imgs") / "timestep_07_view_07.png"
+    assert os.path.samefile(data / sample.name / image, sample / image)

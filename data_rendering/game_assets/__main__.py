@@ -2,6 +2,7 @@
 
     python -m data_rendering.game_assets --cache data/game_cache --out data/real [--packages ufoai-data ...]
         [--frames 16 --views 12 --res 128] [--limit N] [--dry-run]
+    python -m data_rendering.game_assets --cache data/game_cache --bundle data/real_bundle [--frames 16] ...
 
 1. Each package is downloaded with `apt-get download` into <cache>/debs (skipped when its .deb is there) and unpacked
    with `dpkg-deb -x` into <cache>/root/<package>. Its version and its copyright file
@@ -21,6 +22,12 @@
 5. The split is by model (split.py): all.txt, train.txt and test.txt get the new names appended (lines already there
    are kept), and a name that would sit on both sides is an error.
 
+With --bundle FILE (a folder: bundle.DEFAULT_NAME in it) instead of --out, steps 1, 2 and the split are the same,
+but the accepted clips are not rendered: their frames, meshes and textures go into one compact file with their
+manifest rows and the listing (bundle.py; an existing file is replaced only with --overwrite), and
+`python -m data_rendering.game_assets.unbundle FILE --out D` writes the samples, lists and manifest on a machine
+without the packages.
+
 A model or clip that cannot be read is reported on one line and the batch goes on; the exit status is then 1.
 """
 from __future__ import annotations
@@ -28,6 +35,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import io
 import json
 import re
 import sys
@@ -37,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from data_rendering.game_assets import packages as debian
+from data_rendering.game_assets.bundle import DEFAULT_NAME, BundleWriter, bundle_file
 from data_rendering.game_assets.catalogue import Clip, Model, Source, sources
 from data_rendering.game_assets.copyright import licence_of, read_copyright
 from data_rendering.game_assets.split import groups, split
@@ -95,8 +104,9 @@ def digest(*arrays: np.ndarray) -> str:
 class Run:
     """One pass over the packages: the listing rows, manifest records and failures it collects."""
 
-    def __init__(self, args):
+    def __init__(self, args, sink):
         self.args = args
+        self.sink = sink  # where accepted clips go: SampleFolders, or bundle.BundleWriter with --bundle
         self.rows: list[dict] = []
         self.records: list[dict] = []
         self.failures: list[tuple[str, str]] = []
@@ -173,8 +183,7 @@ class Run:
             name = f"{name}-{key[:6]}"
         self.seen[key], row["fingerprint"] = name, digest(seq.faces)
         self.names.add(name)
-        final = sample_folder(where, args.out, name)
-        if final.exists() and not args.overwrite:
+        if self.sink.has(where, name) and not args.overwrite:
             return "exists", "", name
         if args.dry_run:
             return "accepted", "--dry-run: not written", None
@@ -185,10 +194,24 @@ class Run:
                     format=model.format, model=model.key, clip=clip.name, files=clip.files,
                     licence=row["licence"], attribution=row["attribution"], **clip.info)
         start = time.perf_counter()
-        write_prepared(seq, meta, final, name, args)
+        self.sink.put(where, name, seq, meta)
         self.write_seconds += time.perf_counter() - start
         self.written += 1
-        return "written", "", name
+        return self.sink.status, "", name
+
+
+class SampleFolders:
+    """Where accepted clips go without --bundle: sample folders under --out, written by the synthetic writer."""
+    status = "written"
+
+    def __init__(self, args):
+        self.args = args
+
+    def has(self, where: str, name: str) -> bool:
+        return sample_folder(where, self.args.out, name).exists()
+
+    def put(self, where: str, name: str, seq, meta: dict) -> None:
+        write_prepared(seq, meta, sample_folder(where, self.args.out, name), name, self.args)
 
 
 def prepare(package: str, cache: Path) -> tuple[Path, str, list]:
@@ -201,12 +224,12 @@ def prepare(package: str, cache: Path) -> tuple[Path, str, list]:
     return root, version, stanzas
 
 
-def _kept(path: Path, read, packages: set[str]) -> list[dict]:
+def kept_rows(path: Path, read, packages: set[str]) -> list[dict]:
     """The rows of an earlier run's file that belong to packages this run did not read (they stay listed)."""
     return [r for r in read(path) if r.get("package") not in packages] if path.exists() else []
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     rows = []
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
         try:
@@ -216,35 +239,56 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
+def write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     tmp.replace(path)
 
 
-def _read_csv(path: Path) -> list[dict]:
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+def read_csv(path: Path) -> list[dict]:
+    return csv_rows(path.read_bytes())
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
+def csv_rows(data: bytes) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(data.decode(), newline="")))
+
+
+def csv_text(rows: list[dict]) -> str:
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, CSV_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
     tmp = path.with_name(path.name + ".partial")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    tmp.write_bytes(csv_text(rows).encode())
     tmp.replace(path)
 
 
-def write_lists(out: Path, records: list[dict], seed: int, fraction: float) -> tuple[int, int]:
-    """Append the samples to all.txt and, split by model, train.txt / test.txt; refuse a name on both sides."""
+def assign_split(records: list[dict], seed: int, fraction: float) -> tuple[list[str], list[str]]:
+    """(train, test) sample names, split by model; every record gets its "group" and "split"."""
     members = {r["sample"]: (r["package"] + ":" + r["model"], r["fingerprint"]) for r in records}
     train, test = split(members, seed, fraction)
     grouped = groups(members)
     side = {s: "test" for s in test} | {s: "train" for s in train}
     for r in records:
         r.update(group=grouped[r["sample"]], split=side[r["sample"]])
-    for list_name, names in (("all", sorted(members)), ("train", train), ("test", test)):
+    return train, test
+
+
+def write_lists(out: Path, records: list[dict], seed: int, fraction: float) -> tuple[int, int]:
+    """Append the samples to all.txt and, split by model, train.txt / test.txt; refuse a name on both sides."""
+    train, test = assign_split(records, seed, fraction)
+    extend_lists(out, train, test)
+    return len(train), len(test)
+
+
+def extend_lists(out: Path, train: list[str], test: list[str]) -> None:
+    """Append the names to all.txt, train.txt and test.txt (lines already there are kept); a name that would then sit
+    on both sides is refused. Shared with unbundle.py, which takes the sides recorded in the bundle."""
+    for list_name, names in (("all", sorted(train + test)), ("train", train), ("test", test)):
         if names:
             add_to_list(out / f"{list_name}.txt", names)
     listed = {k: set(layout.read_list_file(out / f"{k}.txt", out)) if (out / f"{k}.txt").exists() else set()
@@ -253,50 +297,79 @@ def write_lists(out: Path, records: list[dict], seed: int, fraction: float) -> t
     if both:
         raise InputError(f"{out}: {len(both)} sample(s) listed in both train.txt and test.txt (e.g. {both[0]}); "
                          f"an earlier run used another --seed or --test-fraction: remove those lines")
-    return len(train), len(test)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="game_assets", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", type=Path, required=True, help="download and extraction cache")
-    add_writer_options(ap)
+    add_writer_options(ap, out_required=False)
+    ap.add_argument("--bundle", type=Path, help=f"instead of sample folders under --out, write the accepted clips "
+                    f"into this bundle file (a folder: {DEFAULT_NAME} in it), for game_assets.unbundle")
     ap.add_argument("--packages", nargs="+", default=list(DEFAULT_PACKAGES), help="Debian packages to read")
-    ap.add_argument("--limit", type=int, help="write at most N new samples")
+    ap.add_argument("--limit", type=int, help="write at most N new samples (with --bundle: bundle at most N clips)")
     ap.add_argument("--test-fraction", type=float, default=0.1, help="share of the models held out for test")
     ap.add_argument("--dry-run", action="store_true", help="list and judge the clips, write no samples")
     args = ap.parse_args(argv)
     refuse_below(args, (("frames", 2), ("views", 1), ("res", 1), ("limit", 0)))
     if not 0 <= args.test_fraction < 1:
         raise InputError(f"--test-fraction must be in [0, 1), got {args.test_fraction}")
+    if (args.out is None) == (args.bundle is None):
+        raise InputError("give either --out (prepared sample folders) or --bundle (one file to unbundle elsewhere)")
+    target = args.bundle and bundle_file(args.bundle)
+    if target and target.exists() and not args.overwrite and not args.dry_run:  # checked before minutes of reading
+        raise InputError(f"{target}: already exists; --overwrite replaces it")
     known = sources()
     for package in args.packages:
         debian.refuse_reserved(package)
         if package not in known:
             raise InputError(f"{package}: no reader for this package (supported: {', '.join(known)})")
-    start, run = time.perf_counter(), Run(args)
+    sink = BundleWriter() if target else SampleFolders(args)
+    start, run = time.perf_counter(), Run(args, sink)
     # every package is fetched first: a download refused (no apt, no network) stops the run before any writing
     prepared = {package: prepare(package, args.cache) for package in dict.fromkeys(args.packages)}
-    args.out.mkdir(parents=True, exist_ok=True)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
     for package, found in prepared.items():
         run.package(known[package], found)
     done = set(args.packages)
-    rows = _kept(args.out / CLIPS_CSV, _read_csv, done) + run.rows
-    _write_csv(args.out / CLIPS_CSV, rows)
     counts: dict[str, int] = {}
     for r in run.rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
-    print(f"clips this run: {len(run.rows)} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}); "
-          f"listing of {len(rows)} in {args.out / CLIPS_CSV}")
+    print(f"clips this run: {len(run.rows)} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))})")
+    if target:
+        _finish_bundle(args, run, target)
+    else:
+        _finish_folders(args, run, done)
+    print(f"done in {time.perf_counter() - start:.0f} s")
+    return report_failures(run.failures, len(run.rows), "models or clips")
+
+
+def _finish_folders(args, run: Run, done: set[str]) -> None:
+    """The listing, lists and manifest beside the sample folders, keeping the rows of packages not read now."""
+    rows = kept_rows(args.out / CLIPS_CSV, read_csv, done) + run.rows
+    write_csv(args.out / CLIPS_CSV, rows)
+    print(f"listing of {len(rows)} clips in {args.out / CLIPS_CSV}")
     if not args.dry_run:
-        records = _kept(args.out / MANIFEST, _read_jsonl, done) + run.records
+        records = kept_rows(args.out / MANIFEST, read_jsonl, done) + run.records
         n_train, n_test = write_lists(args.out, records, args.seed, args.test_fraction) if records else (0, 0)
-        _write_jsonl(args.out / MANIFEST, records)
+        write_jsonl(args.out / MANIFEST, records)
         models = len({(r["package"], r["model"]) for r in records})
         print(f"{len(records)} samples from {models} models ({n_train} train, {n_test} test) in {args.out}; "
               f"{run.written} written now" + (f", {run.write_seconds / run.written:.1f} s each" if run.written else ""))
-    print(f"done in {time.perf_counter() - start:.0f} s")
-    return report_failures(run.failures, len(run.rows), "models or clips")
+
+
+def _finish_bundle(args, run: Run, target: Path) -> None:
+    """The bundle: this run's clips with their split (the one write_lists would give them) and its listing."""
+    if args.dry_run:
+        return
+    train, test = assign_split(run.records, args.seed, args.test_fraction)
+    settings = dict(frames=args.frames, seed=args.seed, test_fraction=args.test_fraction,
+                    packages=sorted(set(args.packages)))
+    size = run.sink.finish(target, run.records, csv_text(run.rows).encode(), settings)
+    models = len({(r["package"], r["model"]) for r in run.records})
+    print(f"{len(run.records)} clips from {models} models ({len(train)} train, {len(test)} test) in {target}: "
+          f"{size / 1e6:.1f} MB")
 
 
 if __name__ == "__main__":
