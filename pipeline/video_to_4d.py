@@ -217,21 +217,7 @@ class VideoTo4D:
             raise InputError(f"{source}: {what}")
         name = name or (source.stem if source.is_file() else source.name)
         t0 = time.perf_counter()
-        mesh = None
-        if isinstance(canonical, (str, Path)) and is_mesh_file(canonical):
-            user_mesh = read_mesh(canonical)
-            mesh = CanonicalMesh(user_mesh, mesh_canonical(user_mesh.surface, self.mesh_gaussians))
-            canonical, origin = mesh.sampled.gaussians.to(self.device), f"mesh {canonical}"
-        elif isinstance(canonical, (str, Path)):
-            ply = Path(canonical)
-            try:
-                canonical = Gaussians.load_ply(ply).to(self.device)
-            except ValueError as e:  # a PLY with neither Gaussian fields nor faces: say that both were looked for
-                raise InputError(f"{e}; nor is it a mesh (it has no faces)" if ply.is_file() else str(e)) from None
-            origin = str(ply)
-        else:
-            origin = None if canonical is None else "given"
-            canonical = canonical.to(self.device) if canonical is not None else None
+        canonical, origin, mesh = self._canonical(canonical)
         count = num_frames or self.models.cfg.sampling.num_frames
         if kind == "sample":
             p = self._sample(source, canonical, origin, count)
@@ -250,6 +236,20 @@ class VideoTo4D:
             info["canonical_mesh"] = mesh.summary()
         info["seconds"] = {"inputs": time.perf_counter() - t0}
         return Prepared(name, source, kind, tokens, canonical, inputs, info, mesh)
+
+    def _canonical(self, canonical) -> tuple[Gaussians | None, str | None, CanonicalMesh | None]:
+        """The given canonical on the device, where it came from (summary.json), and the mesh when it is one."""
+        if canonical is None or isinstance(canonical, Gaussians):
+            return (None, None, None) if canonical is None else (canonical.to(self.device), "given", None)
+        path = Path(canonical)
+        if is_mesh_file(path):
+            user_mesh = read_mesh(path)
+            mesh = CanonicalMesh(user_mesh, mesh_canonical(user_mesh.surface, self.mesh_gaussians))
+            return mesh.sampled.gaussians.to(self.device), f"mesh {path}", mesh
+        try:
+            return Gaussians.load_ply(path).to(self.device), str(path), None
+        except ValueError as e:  # a PLY with neither Gaussian fields nor faces: say that both were looked for
+            raise InputError(f"{e}; nor is it a mesh (it has no faces)" if path.is_file() else str(e)) from None
 
     def animate(self, p: Prepared, seed: int | None = None, **sampling) -> Result:
         """The motion stage on a prepared input; the result's summary records the stage times and motion."""
