@@ -16,30 +16,17 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def test_compiled_motion_stage_matches_eager():
     """Float32 on both sides: CUDA graphs and inductor's fusions may reorder sums, nothing more."""
-    cfg = load_config("configs/tiny/diffusion.yml")
-    torch.manual_seed(0)
-    dit, vae = DiT(**cfg.model), MotionVAE(**cfg.motion_vae)
-    with torch.no_grad():
-        for p in dit.parameters():  # the zero-initialised output layers too, so the model output is not zero
-            p.normal_(0, 0.05)
-    dit, vae = dit.cuda(), vae.cuda()
-    stats = {"deformation_mean": torch.zeros(8), "deformation_std": torch.full((8,), 0.1),
-             "static_mean": torch.zeros(14), "static_std": torch.ones(14)}
-    n = 2000
-    canonical = Gaussians(torch.rand(n, 3) - 0.5, torch.rand(n, 3), torch.zeros(n, 1), torch.full((n, 3), -4.5),
-                          torch.randn(n, 4)).to("cuda")
-    tokens = torch.randn(8, 37, cfg.model.image_cond_channels, device="cuda")
-    sampling = dataclasses.replace(SamplerConfig.from_config(cfg.sampling), method="multistep", steps=6)
-    stage = lambda compile: MotionStage(dit, vae, stats, sampling, cfg.data.num_static_cond, compile=compile)
-    want = stage(False)(canonical, tokens, seed=3)
-    got = stage(True)(canonical, tokens, seed=3)
+    eager, canonical, tokens = tiny_stage_inputs(compile=False)
+    compiled, _, _ = tiny_stage_inputs(compile=True)  # the same seeded weights
+    want = eager(canonical, tokens, seed=3)
+    got = compiled(canonical, tokens, seed=3)
     assert got.nfe == want.nfe == 6
     assert (got.latents - want.latents).abs().max() <= 1e-3 * want.latents.abs().max()
     assert (got.delta - want.delta).abs().max() <= 1e-3 * want.delta.abs().max()
 
 
 CACHED_RUN = """
-import dataclasses, sys, torch
+import sys, torch
 from torch._dynamo.utils import counters
 sys.path.insert(0, "tests")
 from test_animate_gpu import tiny_stage_inputs
@@ -50,12 +37,12 @@ torch.save({"delta": delta.cpu(), "hits": counters["inductor"]["fxgraph_cache_hi
 
 
 def tiny_stage_inputs(compile: bool):
-    """The tiny motion stage of the test above, built the same way in any process."""
+    """The tiny motion stage of these tests, seeded: the same weights, canonical and tokens in any call or process."""
     cfg = load_config("configs/tiny/diffusion.yml")
     torch.manual_seed(0)
     dit, vae = DiT(**cfg.model), MotionVAE(**cfg.motion_vae)
     with torch.no_grad():
-        for p in dit.parameters():
+        for p in dit.parameters():  # the zero-initialised output layers too, so the model output is not zero
             p.normal_(0, 0.05)
     stats = {"deformation_mean": torch.zeros(8), "deformation_std": torch.full((8,), 0.1),
              "static_mean": torch.zeros(14), "static_std": torch.ones(14)}
