@@ -61,7 +61,7 @@ from urllib.parse import unquote, unquote_to_bytes
 import numpy as np
 from PIL import Image
 
-from .mesh import MeshSequence
+from .mesh import MeshSequence, y_up_to_z_up
 
 __all__ = ["load_animated_gltf", "read_document", "sample_texture", "srgb_to_linear", "linear_to_srgb"]
 
@@ -880,8 +880,8 @@ def _import(doc: _GltfFile, times, num_frames, fps, animation, start, step, up_a
             vertices[t, offset:offset + v] = posed
         offset += v
     if up_axis == "z":
-        vertices = np.stack([vertices[..., 0], -vertices[..., 2], vertices[..., 1]], axis=-1)
-        linear = np.stack([linear[:, 0], -linear[:, 2], linear[:, 1]], axis=1)  # the same row change
+        vertices = y_up_to_z_up(vertices)
+        linear = y_up_to_z_up(linear.swapaxes(1, 2)).swapaxes(1, 2)  # the same change of the rows
     if not np.isfinite(vertices).all():
         raise doc.error("the evaluated vertex positions are not finite")
 

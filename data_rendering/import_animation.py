@@ -29,13 +29,12 @@ import argparse
 import re
 import sys
 import zlib
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from data_rendering.mesh import MeshSequence
+from data_rendering.mesh import MeshSequence, y_up_to_z_up
 from datasets import layout
 from utils import cli
 from utils.cli import InputError
@@ -46,10 +45,6 @@ DEFAULT_FRAMES = 24          # the synthetic writer's --frames and the configs' 
 BLENDER_FPS = 24.0
 STATIC_THRESHOLD = 0.01      # the published renderer's "is it moving" test (normalised units)
 _COMPANIONS = {".bin", ".png", ".jpg", ".jpeg", ".webp", ".mtl", ".txt", ".json", ".md"}  # files that go with inputs
-
-
-def y_up_to_z_up(v: np.ndarray) -> np.ndarray:
-    return np.stack([v[..., 0], -v[..., 2], v[..., 1]], axis=-1)  # Blender's importer conversion
 
 
 # ----------------------------------------------------------------------------------------------- OBJ

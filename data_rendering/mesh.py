@@ -8,6 +8,16 @@ from pathlib import Path
 import numpy as np
 
 
+def y_up_to_z_up(v: np.ndarray) -> np.ndarray:
+    """Points (..., 3) of a Y-up file (glTF, OBJ) in the project's Z-up world: (x, y, z) -> (x, -z, y), Blender's own
+    importer conversion. The one place the axis change is written (Y_UP_TO_Z_UP is its matrix)."""
+    return np.stack([v[..., 0], -v[..., 2], v[..., 1]], axis=-1)
+
+
+# The same change as a matrix acting on column vectors, for linear maps: M @ p == y_up_to_z_up(p).
+Y_UP_TO_Z_UP = y_up_to_z_up(np.eye(3)).T + 0.0  # + 0.0: no negative zeros
+
+
 @dataclass
 class MeshSequence:
     vertices: np.ndarray                 # (T, V, 3) float32 world positions per frame (Z up)

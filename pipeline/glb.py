@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from data_rendering.gltf_import import read_document, srgb_to_linear
-from pipeline.mesh_input import Y_UP_TO_Z_UP
+from data_rendering.mesh import Y_UP_TO_Z_UP
 from utils.cli import InputError
 from utils.fileio import atomic_write
 

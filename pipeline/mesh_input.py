@@ -25,13 +25,11 @@ import numpy as np
 from PIL import Image
 
 from data_rendering.gltf_import import load_animated_gltf, srgb_to_linear
-from data_rendering.import_animation import obj_appearance, read_mtl, read_obj, y_up_to_z_up
-from data_rendering.mesh import MeshSequence
+from data_rendering.import_animation import obj_appearance, read_mtl, read_obj
+from data_rendering.mesh import Y_UP_TO_Z_UP, MeshSequence, y_up_to_z_up
 from utils.cli import InputError
 
-MESH_SUFFIXES = (".glb", ".gltf", ".obj", ".ply")
-# glTF (Y up) -> project (Z up), as a matrix: the linear part every OBJ / PLY vertex's document position maps through.
-Y_UP_TO_Z_UP = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+MESH_SUFFIXES = (".ply", ".glb", ".gltf", ".obj")  # a .ply is a mesh when it has faces, else Gaussians
 
 
 @dataclass

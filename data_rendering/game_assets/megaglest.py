@@ -15,7 +15,8 @@ import numpy as np
 from data_rendering.game_assets.assemble import TEAM_COLOR, Part, merge_parts, read_image
 from data_rendering.game_assets.catalogue import Clip, Model, Source, find_file
 from data_rendering.game_assets.g3d import CUSTOM_COLOR, read_g3d
-from data_rendering.import_animation import resample, y_up_to_z_up
+from data_rendering.import_animation import resample
+from data_rendering.mesh import y_up_to_z_up
 from utils.cli import InputError
 
 BASE = "usr/share/games/megaglest"
