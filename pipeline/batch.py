@@ -55,11 +55,15 @@ def run_batch(pipe: VideoTo4D, items: list[Item], options: dict | None = None, m
         writer = stack.enter_context(ThreadPoolExecutor(1, "write")) if overlap else None
         submit = lambda pool, fn, *args: pool.submit(fn, *args) if pool is not None else _now(fn, *args)
 
-        def read(item: Item):  # videos only: a prepared sample's renders are read with its other files
-            return pipe.read_video(item.source, **read_options) if input_kind(item.source) == "video" else None
+        done = lambda item: (item.out / "summary.json").is_file() and not overwrite  # finished: skipped
+
+        def read(item: Item):  # videos only (a prepared sample's renders are read with its other files), and only
+            # those that will run: a rerun over a half-done folder decodes none of the finished ones
+            return pipe.read_video(item.source, **read_options) \
+                if input_kind(item.source) == "video" and not done(item) else None
 
         def finished(item: Item) -> bool:
-            if (item.out / "summary.json").is_file() and not overwrite:
+            if done(item):
                 return True
             if item.out.exists() and not overwrite:
                 raise FileExistsError(f"{item.out}: exists but holds no finished outputs (no summary.json); pass "
@@ -72,7 +76,11 @@ def run_batch(pipe: VideoTo4D, items: list[Item], options: dict | None = None, m
             if metrics is not None and result.kind == "sample":
                 pipe.score(result, metrics)
             rendered = result.render()  # on the device, here; the CPU writes in the writer thread
-            return submit(writer, lambda: (result.write(item.out, rendered, overwrite=True), result.summary)[1])
+
+            def write() -> dict:
+                result.write(item.out, rendered, overwrite=True)
+                return result.summary
+            return submit(writer, write)
 
         seen: set[Path] = set()
         nxt = submit(reader, read, items[0]) if items else None

@@ -140,9 +140,8 @@ class Rendered:
     compare: np.ndarray | None            # (T, R, 3·R, 3) uint8
     grid: np.ndarray | None               # (H, W, 3) uint8
     inputs: np.ndarray                    # (T, h, w, 3) uint8: the frames the model saw, beside viewer.html's render
-    camera: dict                          # viewer.html's first view: the orbit camera of the videos
     fps: float
-    outputs: frozenset                    # Views.outputs: the files to write (empty: all)
+    views: Views                          # the files to write, and viewer.html's first view (the orbit camera)
 
 
 @torch.no_grad()
@@ -158,20 +157,18 @@ def render_outputs(canonical: Gaussians, delta: torch.Tensor, s: Views, fps: flo
         idx = torch.arange(k) % t
         orbit = to_uint8(torch.cat([render_views(frames.map(lambda x: x[idx[i:i + 8]]), ext[i:i + 8].to(dev),
                                                  K[i:i + 8].to(dev), s.resolution, bg) for i in range(0, k, 8)]).cpu())
-    camera = {"el": s.elevation_deg, "radius": s.radius, "fov": s.fov_deg}
     return Rendered(canonical.to("cpu"), delta.float().cpu(), orbit,
                     compare_frames(frames, inputs, s) if s.wants("compare") else None,
                     grid_image(frames, s) if s.wants("grid") else None,
-                    to_uint8(inputs.movedim(1, -1).float().cpu()), camera, fps, s.outputs)
+                    to_uint8(inputs.movedim(1, -1).float().cpu()), fps, s)
 
 
 def write_rendered(out: Path, r: Rendered) -> dict:
     """Write the files of one result into `out` (module docstring); returns what summary.json records of them."""
-    wants = lambda name: not r.outputs or name in r.outputs
-    c = r.canonical
-    if wants("ply"):
+    c, s = r.canonical, r.views
+    if s.wants("ply"):
         write_ply_sequence(c.apply_delta(r.delta), out / "ply", overwrite=True)
-    if wants("npz"):
+    if s.wants("npz"):
         arrays = {"xyz": c.xyz, "f_dc": c.f_dc, "opacity_logit": c.opacity_logit, "scale_pre": c.scale_pre,
                   "quat": c.quat, "delta": r.delta}
 
@@ -186,7 +183,8 @@ def write_rendered(out: Path, r: Rendered) -> dict:
         write_video(out / "compare.mp4", r.compare, fps=r.fps, overwrite=True)
     if r.grid is not None:
         atomic_write(out / "grid.png", lambda tmp: Image.fromarray(r.grid).save(tmp, format="PNG"), overwrite=True)
-    if wants("viewer"):
-        write_viewer(out, r.canonical, r.delta, r.fps, r.inputs, overwrite=True, camera=r.camera)
-    return {"ply_frames": r.delta.shape[0] if wants("ply") else 0, "gaussians": len(c),
-            "outputs": sorted(r.outputs or OUTPUTS)}
+    if s.wants("viewer"):
+        camera = {"el": s.elevation_deg, "radius": s.radius, "fov": s.fov_deg}
+        write_viewer(out, c, r.delta, r.fps, r.inputs, overwrite=True, camera=camera)
+    return {"ply_frames": r.delta.shape[0] if s.wants("ply") else 0, "gaussians": len(c),
+            "outputs": sorted(s.outputs or OUTPUTS)}
