@@ -45,6 +45,7 @@ from models.dpm_solver import SamplerConfig
 from models.trellis.flow_euler import SLAT_DEFAULTS, SS_DEFAULTS, add_sampler_args, sampler_from_args
 from pipeline.batch import Item, run_batch
 from pipeline.mesh_canonical import DEFAULT_COUNT
+from pipeline.mesh_input import MESH_SUFFIXES
 from pipeline.outputs import OUTPUTS
 from pipeline.video_to_4d import VideoTo4D, input_kind
 from utils import cli
@@ -135,15 +136,12 @@ def collect_inputs(paths: list[Path], list_file: Path | None) -> list[Job]:
     return jobs
 
 
-CANONICAL_SUFFIXES = (".ply", ".glb", ".gltf", ".obj")  # a Gaussian or mesh PLY, or a mesh
-
-
 def canonical_file(args, job: Job) -> Path | None:
     """--canonical FILE, or the <job name>.<suffix> of a --canonical folder (None: the folder has none)."""
     c = args.canonical
     if c is None or not c.is_dir():
         return c
-    found = [p for p in (c / f"{job.name}{s}" for s in CANONICAL_SUFFIXES) if p.is_file()]
+    found = [p for p in (c / f"{job.name}{s}" for s in MESH_SUFFIXES) if p.is_file()]
     if len(found) > 1:
         raise cli.InputError(f"{c}: {' and '.join(p.name for p in found)} are both canonicals of {job.name}; keep one")
     return found[0] if found else None
