@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from timing import tests_module
-from pipeline.viewer import write_viewer
+from pipeline.viewer import READY_JS, write_viewer
 from utils import headless_chromium as chromium
 
 render_reference = tests_module("render_reference")
@@ -59,7 +59,7 @@ def main(argv=None):
             url = f"{(folder / 'viewer.html').as_uri()}?bench={args.steps}&w={res}&h={res}&el=15&radius=2&fov=40"
             t0 = time.perf_counter()
             page = browser.open(url, res + 300, res)
-            page.wait_for("document.documentElement.dataset.ready === '1'", timeout=900)
+            page.wait_for(READY_JS, timeout=900)
             first = time.perf_counter() - t0
             report = json.loads(page.wait_for("document.documentElement.dataset.bench", timeout=1800))
             errors = page.errors()

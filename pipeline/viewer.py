@@ -70,6 +70,9 @@ TEMPLATE = "viewer_template.html"
 PLACEHOLDERS = ("@@HEADER@@", "@@INPUTS@@", "@@PAYLOAD@@")  # in this order in the template
 INPUT_SIDE = 256
 DEFAULT_CAMERA = {"az": 0.0, "el": 15.0, "radius": TRAIN_RADIUS, "fov": INFERENCE_FOV_DEG, "target": [0.0, 0.0, 0.0]}
+# True in the page once the requested view is drawn after its sort (the template sets data-ready): what screenshots and
+# timings wait for.
+READY_JS = "document.documentElement.dataset.ready === '1'"
 ANIMATION_KEYS = ("xyz", "f_dc", "opacity_logit", "scale_pre", "quat", "delta")
 
 

@@ -79,6 +79,7 @@ def main(argv=None):
 
 
 def screenshot(url: str, out: Path, size: str) -> None:
+    from pipeline.viewer import READY_JS
     from utils.headless_chromium import DevToolsError, HeadlessChromium, find_chromium
 
     try:
@@ -91,7 +92,7 @@ def screenshot(url: str, out: Path, size: str) -> None:
     with HeadlessChromium(binary, timeout=600) as browser:
         page = browser.open(url, width, height)
         try:
-            page.wait_for("document.documentElement.dataset.ready === '1'", timeout=600)
+            page.wait_for(READY_JS, timeout=600)
         except DevToolsError as e:
             raise cli.InputError(f"{url}: {e}") from None
         png = page.screenshot()

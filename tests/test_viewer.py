@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.viewer import viewer_from_result, write_viewer
+from pipeline.viewer import READY_JS, viewer_from_result, write_viewer
 from render_reference import random_scene
 from scripts.render_gaussians import example_torus
 from utils.cameras import orbit_cameras
@@ -201,7 +201,7 @@ def scene(tmp_path_factory):
 def screenshot(browser, folder: Path, query: str, width: int, height: int):
     """(page, RGB float image of the canvas) once the page says the requested view is drawn."""
     page = browser.open(f"{(folder / 'viewer.html').as_uri()}?{query}&w={width}&h={height}", width + 300, height)
-    page.wait_for("document.documentElement.dataset.ready === '1'")
+    page.wait_for(READY_JS)
     png = Image.open(io.BytesIO(page.screenshot())).convert("RGB")
     return page, np.asarray(png, np.float64)[:height, :width] / 255
 
@@ -268,7 +268,7 @@ def test_small_translucent_splats(browser, tmp_path):
 def test_page_decodes_exactly_as_the_numpy_decoder(browser, scene):
     folder, _ = scene
     page = browser.open(f"{(folder / 'viewer.html').as_uri()}?play=0", 400, 300)
-    page.wait_for("document.documentElement.dataset.ready === '1'")
+    page.wait_for(READY_JS)
     header, payload, _ = read_viewer(folder / "viewer.html")
     want = decode_like_js(header, payload)[2]                                    # (N, 14) float32
     got = np.asarray(page.evaluate("gvf.frameFloats(2)"), np.float32).reshape(-1, 16)
@@ -279,7 +279,7 @@ def test_page_decodes_exactly_as_the_numpy_decoder(browser, scene):
 def test_playing_advances_frames_and_the_input_video_follows(browser, scene):
     folder, _ = scene
     page = browser.open(f"{(folder / 'viewer.html').as_uri()}?play=1&speed=4", 500, 300)
-    page.wait_for("document.documentElement.dataset.ready === '1'")
+    page.wait_for(READY_JS)
     seen = set()
     for _ in range(40):
         seen.add(page.evaluate("gvf.state.frame"))
@@ -356,7 +356,7 @@ def test_view_script_screenshot(browser, scene, tmp_path, capsys):
 def test_drag_orbits_wheel_zooms_and_background_buttons(browser, scene):
     folder, _ = scene
     page = browser.open(f"{(folder / 'viewer.html').as_uri()}?play=0&az=10&el=5&radius=2&bg=grey&w=200&h=200", 500, 200)
-    page.wait_for("document.documentElement.dataset.ready === '1'")
+    page.wait_for(READY_JS)
     mouse = lambda kind, x, y, **kw: browser.send("Input.dispatchMouseEvent", page.session, type=kind, x=x, y=y, **kw)
     mouse("mousePressed", 100, 100, button="left", buttons=1, clickCount=1)
     mouse("mouseMoved", 150, 120, button="left", buttons=1)

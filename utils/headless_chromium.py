@@ -7,7 +7,7 @@ for a CDN would fail, and every request the page makes is recorded (`requests`) 
 
     with HeadlessChromium(find_chromium()) as browser:
         page = browser.open("file:///tmp/viewer.html?frame=3", width=256, height=256)
-        page.wait_for("document.documentElement.dataset.ready === '1'")
+        page.wait_for(READY_JS)  # pipeline/viewer.py
         png = page.screenshot()
         assert not page.errors()
 """
